@@ -1,0 +1,187 @@
+"""``python -m lib_ti bench speed``: time training steps the way performance.md's protocol asks.
+
+Fixed conditions: 16 synthetic images at the chosen resolution (no bucketing), template
+"a photo of [name]", 4 vectors, previews and checkpoint saves off, warm-up steps excluded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .errors import PREFIX, TIError
+
+TINY_ARCHES = ("tiny-sd1", "tiny-sd2", "tiny-sdxl")
+REAL_ARCHES = ("sd15", "sd21", "sdxl")
+
+
+def add_parser(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks", description="Benchmarks of the trainer.")
+    kinds = bench.add_subparsers(title="benchmarks")
+    speed = kinds.add_parser("speed", help="time training steps (steps/s, images/s, peak memory, time to first step)",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    source = speed.add_mutually_exclusive_group()
+    source.add_argument("--model", help="a diffusers folder or single-file checkpoint to benchmark")
+    source.add_argument("--arch", default="tiny-sd1", choices=TINY_ARCHES + REAL_ARCHES,
+                        help="a built-in model with random weights: tiny-* (seconds to build) or the real "
+                             "architectures sd15/sd21/sdxl at full size (random weights)")
+    speed.add_argument("--resolution", type=int, default=128, help="training resolution in pixels (square)")
+    speed.add_argument("--batch-size", type=int, default=1)
+    speed.add_argument("--steps", type=int, default=20, help="timed steps (the protocol uses 200 on a GPU)")
+    speed.add_argument("--warmup", type=int, default=3, help="untimed steps before the timed window")
+    speed.add_argument("--vectors", type=int, default=4, help="vectors per token")
+    speed.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    speed.add_argument("--gradient-checkpointing", action="store_true")
+    speed.add_argument("--device", default="auto")
+    speed.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
+    speed.set_defaults(run=run_speed)
+
+
+def run_speed(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.steps < 1 or args.warmup < 0:
+        raise TIError(f"bench needs --steps >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    with tempfile.TemporaryDirectory(prefix="ti-bench-") as tmp:
+        figures = measure_speed(args, device, Path(tmp))
+    print(format_report(figures))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+def measure_speed(args: argparse.Namespace, device, tmp: Path) -> dict:
+    import torch
+
+    from . import events
+    from .config import TrainConfig
+    from .trainer import train
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    engine, label = _engine(args, device, tmp)
+    load_s = time.perf_counter() - t0
+    data_dir = draw_images(tmp / "images", 16, args.resolution)
+    template = tmp / "template.txt"
+    template.write_text("a photo of [name]\n")
+    cfg = TrainConfig(name="benchtoken", init_text="a photo", num_vectors=args.vectors, data_dir=str(data_dir),
+                      output_dir=str(tmp / "run"), steps=args.warmup + args.steps, batch_size=args.batch_size,
+                      template=str(template), width=args.resolution, height=args.resolution, save_every=0,
+                      preview_every=0, log_every=args.warmup + args.steps, precision=args.precision,
+                      gradient_checkpointing=args.gradient_checkpointing)
+    record: dict = {"times": []}
+
+    def on_event(event):
+        if isinstance(event, events.Started):
+            record["ready_s"] = event.seconds_to_ready
+            record["t_started"] = time.perf_counter()
+        elif isinstance(event, events.Step):
+            record["times"].append(time.perf_counter())
+
+    t_train = time.perf_counter()
+    train(engine, cfg, on_event=on_event)
+    return _figures(args, device, label, load_s, t_train, record)
+
+
+def _figures(args, device, label: str, load_s: float, t_train: float, record: dict) -> dict:
+    import torch
+
+    times = record["times"]
+    marks = [record["t_started"], *times]
+    step_s = [b - a for a, b in zip(marks, marks[1:])][args.warmup:]
+    window = times[-1] - (times[args.warmup - 1] if args.warmup else record["t_started"])
+    peak = _peak_memory(device)
+    return {
+        "model": label, "device": _device_name(device), "torch": torch.__version__, "resolution": args.resolution,
+        "batch_size": args.batch_size, "vectors": args.vectors, "precision": args.precision,
+        "gradient_checkpointing": args.gradient_checkpointing, "timed_steps": len(step_s),
+        "steps_per_s_median": 1 / statistics.median(step_s), "steps_per_s_mean": len(step_s) / window,
+        "images_per_s": args.batch_size * len(step_s) / window,
+        "step_s_min": min(step_s), "step_s_max": max(step_s),
+        "time_to_first_step_s": load_s + (times[0] - t_train),
+        "model_load_s": load_s, "data_and_latents_s": record["ready_s"], "first_step_s": times[0] - record["t_started"],
+        **peak,
+    }
+
+
+def _engine(args, device, tmp: Path):
+    import torch
+
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    if args.model:
+        from .cli import load_engine
+
+        return load_engine(args.model, device), Path(args.model).name
+    if args.arch in TINY_ARCHES:
+        from .engines.standalone import StandaloneEngine
+        from .tiny import build_tiny_model
+
+        path = build_tiny_model(args.arch.removeprefix("tiny-"), tmp / args.arch)
+        return StandaloneEngine.load(path, device=device, dtype=dtype), f"{args.arch} (random weights)"
+    from .arch import build_random_engine
+
+    print(f"{PREFIX} building {args.arch} with random weights on {device}", file=sys.stderr)
+    return build_random_engine(args.arch, device=device, dtype=dtype), f"{args.arch} (random weights)"
+
+
+def draw_images(folder: Path, count: int, size: int) -> Path:
+    """``count`` distinct synthetic images (coloured shapes) drawn with PIL."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    for i in range(count):
+        image = Image.new("RGB", (size, size), tuple(rng.randrange(256) for _ in range(3)))
+        draw = ImageDraw.Draw(image)
+        for _ in range(3):
+            x0, y0 = rng.randrange(size // 2), rng.randrange(size // 2)
+            box = (x0, y0, x0 + rng.randrange(size // 4, size // 2), y0 + rng.randrange(size // 4, size // 2))
+            draw.ellipse(box, fill=tuple(rng.randrange(256) for _ in range(3)))
+        image.save(folder / f"{i:02d}.png")
+    return folder
+
+
+def _peak_memory(device) -> dict:
+    import torch
+
+    if device.type == "cuda":
+        return {"peak_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30,
+                "peak_reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30}
+    import resource
+
+    return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
+
+
+def _device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def format_report(f: dict) -> str:
+    mem = (f"peak allocated {f['peak_allocated_gb']:.2f} GiB, reserved {f['peak_reserved_gb']:.2f} GiB"
+           if "peak_allocated_gb" in f else f"peak RSS {f['peak_rss_gb']:.2f} GiB (whole process)")
+    return "\n".join([
+        f"model       {f['model']} on {f['device']}, torch {f['torch']}",
+        f"setup       {f['resolution']}px, batch {f['batch_size']}, {f['vectors']} vectors, precision {f['precision']}, "
+        f"gradient checkpointing {'on' if f['gradient_checkpointing'] else 'off'}",
+        f"speed       {f['steps_per_s_median']:.3f} steps/s median, {f['steps_per_s_mean']:.3f} mean, "
+        f"{f['images_per_s']:.3f} images/s over {f['timed_steps']} timed steps "
+        f"(step {f['step_s_min']:.3f}-{f['step_s_max']:.3f}s)",
+        f"first step  {f['time_to_first_step_s']:.2f}s = load {f['model_load_s']:.2f}s + data/latents "
+        f"{f['data_and_latents_s']:.2f}s + step 1 {f['first_step_s']:.2f}s (+ overhead)",
+        f"memory      {mem}",
+    ])

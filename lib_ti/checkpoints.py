@@ -1,0 +1,90 @@
+"""Checkpoints of a run: the embedding (usable at once in a prompt) plus the state to resume it.
+
+``checkpoints/<name>-<step>.<ext>`` is an ordinary embedding file; ``<name>-<step>.state.pt`` beside
+it holds the optimizer and scaler state, every vector (trained or not) and the config. Resume needs
+nothing else, because the data order, noise and timesteps are pure functions of (seed, step).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .embedding import Embedding
+from .errors import TIError
+from .fileio import atomic_path
+
+STATE_VERSION = 1
+
+
+@dataclass
+class TrainingState:
+    step: int
+    vectors: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scaler: dict[str, Any] | None
+    config: dict[str, Any]
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save_checkpoint(run_dir: Path, emb: Embedding, state: TrainingState, fmt: str, keep_last: int) -> Path:
+    """Write the embedding and its state atomically, then prune old checkpoints. Returns the embedding path."""
+    from .embedding_io import save_embedding
+
+    folder = checkpoint_dir(run_dir)
+    stem = f"{emb.name}-{state.step}"
+    emb_path = save_embedding(emb, folder / f"{stem}.{fmt}", overwrite=True)
+    payload = {"version": STATE_VERSION, "step": state.step, "vectors": state.vectors, "optimizer": state.optimizer,
+               "scaler": state.scaler, "config": state.config}
+    with atomic_path(folder / f"{stem}.state.pt") as tmp:
+        torch.save(payload, tmp)
+    if keep_last:
+        _prune(folder, emb.name, keep_last)
+    return emb_path
+
+
+def list_states(run_dir: Path, name: str) -> list[tuple[int, Path]]:
+    """(step, state path) pairs of ``name``'s checkpoints, oldest first."""
+    pattern = re.compile(rf"^{re.escape(name)}-(\d+)\.state\.pt$")
+    found = []
+    folder = checkpoint_dir(run_dir)
+    if folder.is_dir():
+        for path in folder.iterdir():
+            match = pattern.match(path.name)
+            if match:
+                found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def load_latest(run_dir: Path, name: str) -> TrainingState:
+    states = list_states(run_dir, name)
+    if not states:
+        raise TIError(
+            f"nothing to resume: {str(checkpoint_dir(run_dir))!r} has no checkpoint of {name!r}; "
+            "start without --resume, or point --output-dir at the run folder"
+        )
+    return load_state(states[-1][1])
+
+
+def load_state(path: Path) -> TrainingState:
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)  # never run pickled code
+    except Exception as exc:
+        raise TIError(f"checkpoint state {str(path)!r} cannot be read ({exc}); resume from an earlier one") from exc
+    if data.get("version") != STATE_VERSION:
+        raise TIError(f"checkpoint state {str(path)!r} has version {data.get('version')}, expected {STATE_VERSION}")
+    return TrainingState(data["step"], data["vectors"], data["optimizer"], data["scaler"], data["config"])
+
+
+def _prune(folder: Path, name: str, keep_last: int) -> None:
+    states = list_states(folder.parent, name)
+    for step, state_path in states[:-keep_last]:
+        for path in folder.glob(f"{name}-{step}.*"):
+            path.unlink(missing_ok=True)

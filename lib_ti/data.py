@@ -1,0 +1,48 @@
+"""Training data for a run: samples, batch order and captions, ready before any model work."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from .config import TrainConfig
+from .dataset import DatasetOptions, Sample, SampleSampler, discover, load_samples
+from .templates import check_captions, check_templates, load_templates, pick_template, render_caption
+
+
+@dataclass
+class TrainingData:
+    cfg: TrainConfig
+    samples: list[Sample]
+    templates: list[str]
+    sampler: SampleSampler
+
+    @property
+    def num_images(self) -> int:
+        return self.sampler.num_images
+
+    def batch_indices(self, draw: int) -> list[int]:
+        """Sample indices of the ``draw``-th micro-batch of the run (a pure function of seed and draw)."""
+        return self.sampler.batch_indices(draw)
+
+    def caption(self, index: int, rng: random.Random) -> str:
+        """A prompt for sample ``index``: a random template line filled with the name and the caption's tags."""
+        cfg = self.cfg
+        return render_caption(pick_template(self.templates, rng), name=cfg.name, filewords=self.samples[index].caption,
+                              rng=rng, shuffle_tags=cfg.shuffle_tags, tag_dropout=cfg.tag_dropout,
+                              keep_tokens=cfg.keep_tokens)
+
+
+def dataset_options(cfg: TrainConfig) -> DatasetOptions:
+    return DatasetOptions(width=cfg.width, height=cfg.height, crop=cfg.crop, flip=cfg.flip,
+                          random_crops=cfg.random_crops, repeats=cfg.repeats, use_alpha_weight=cfg.use_alpha_weight)
+
+
+def prepare_data(cfg: TrainConfig) -> TrainingData:
+    """Read templates, captions and images; every problem is reported here, before the model is touched."""
+    templates = check_templates(load_templates(cfg.template), source=f"template {cfg.template!r}")
+    items = discover(cfg.data_dir)
+    check_captions(templates, {item.path.name: item.caption for item in items}, cfg.name)
+    samples = load_samples(items, dataset_options(cfg), seed=cfg.seed)
+    sampler = SampleSampler(samples, batch_size=cfg.batch_size, repeats=cfg.repeats, seed=cfg.seed)
+    return TrainingData(cfg, samples, templates, sampler)

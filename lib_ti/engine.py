@@ -1,0 +1,88 @@
+"""The small surface the training loop needs from a model, and the diffusion math around it.
+
+Two implementations exist: ``engines.standalone`` (diffusers + transformers, headless) and the
+webui adapter in ``hosts/``. The loop never touches a model object directly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from .errors import TIError
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+@runtime_checkable
+class Engine(Protocol):
+    family: str  # "sd1" | "sd2" | "sdxl"
+    prediction_type: str  # "epsilon" | "v_prediction"
+    encoder_widths: dict[str, int]  # e.g. {"clip_l": 768, "clip_g": 1280}
+    device: torch.device
+    alphas_cumprod: torch.Tensor  # float32 [num_train_timesteps] on device
+    checkpoint_name: str  # shown in saved files: where the vectors were trained
+    checkpoint_hash: str
+
+    def init_vectors(self, init_text: str, num_vectors: int) -> dict[str, torch.Tensor]:
+        """float32 CPU vectors [num_vectors, width] per encoder, spread from init_text's tokens."""
+
+    def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixels [B,3,H,W] in [-1,1] -> scaled latent mean and std (float32), for caching."""
+
+    def encode_prompts(self, prompts: list[str], token: str, vectors: dict[str, torch.Tensor], size: tuple[int, int]) -> Any:
+        """Conditioning for the UNet, with ``vectors`` spliced in wherever ``token`` appears; differentiable in vectors."""
+
+    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: Any) -> torch.Tensor:
+        """The UNet's prediction (epsilon or v, per ``prediction_type``)."""
+
+    def frozen(self) -> Any:
+        """Context manager: every model weight has requires_grad False inside, restored after."""
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute activations in backward: less memory, about 45% more compute."""
+
+    def render_preview(self, request: "PreviewRequest", token: str, vectors: dict[str, torch.Tensor]) -> Any:
+        """A PIL image for the prompt, with the current vectors."""
+
+
+class PreviewRequest:
+    """What a preview render needs; filled from the config by the trainer."""
+
+    def __init__(self, prompt: str, negative_prompt: str, steps: int, cfg_scale: float, seed: int, width: int, height: int):
+        self.prompt, self.negative_prompt = prompt, negative_prompt
+        self.steps, self.cfg_scale, self.seed = steps, cfg_scale, seed
+        self.width, self.height = width, height
+
+
+# ---------------------------------------------------------------------- diffusion math
+def _coeffs(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    a = alphas_cumprod[timesteps].float()
+    shape = (-1,) + (1,) * (ndim - 1)
+    return a.sqrt().view(shape), (1 - a).sqrt().view(shape)
+
+
+def add_noise(alphas_cumprod: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """q(x_t | x_0): sqrt(a) x0 + sqrt(1-a) eps."""
+    sa, s1a = _coeffs(alphas_cumprod, timesteps, latents.ndim)
+    return sa * latents + s1a * noise
+
+
+def training_target(prediction_type: str, alphas_cumprod: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor,
+                    timesteps: torch.Tensor) -> torch.Tensor:
+    """What the model should predict: the noise (epsilon) or the velocity v = sqrt(a) eps - sqrt(1-a) x0."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        sa, s1a = _coeffs(alphas_cumprod, timesteps, latents.ndim)
+        return sa * noise - s1a * latents
+    raise TIError(f"unknown prediction type {prediction_type!r}: expected one of {', '.join(PREDICTION_TYPES)}")
+
+
+def min_snr_weights(prediction_type: str, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample loss weights of Min-SNR-gamma (Hang et al. 2023): min(SNR, gamma) / SNR, or / (SNR + 1) for v."""
+    a = alphas_cumprod[timesteps].float()
+    snr = a / (1 - a)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr

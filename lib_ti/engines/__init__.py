@@ -1,0 +1,1 @@
+"""Engine implementations. ``standalone`` needs diffusers + transformers; import it lazily."""

@@ -1,0 +1,52 @@
+"""loss.csv: one row per log point. Losses stay on the device between log points (no per-step sync)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import torch
+
+from .fileio import write_text
+
+HEADER = ["step", "loss", "learning_rate"]
+
+
+class LossLog:
+    def __init__(self, path: Path, *, truncate_after: int = 0) -> None:
+        """Open ``path``; rows after step ``truncate_after`` (left by an interrupted run) are dropped."""
+        self.path = Path(path)
+        self.pending: list[torch.Tensor] = []
+        self.last_loss: float | None = None
+        self.rows = [r for r in self._read() if int(r[0]) <= truncate_after]
+        self._write()
+
+    def add(self, step: int, loss: torch.Tensor, lr: float, *, every: int, force: bool = False) -> float | None:
+        """Record a step's loss; every ``every`` steps write the mean since the last row and return it."""
+        self.pending.append(loss.detach())
+        if step % every and not force:
+            return None
+        mean = torch.stack(self.pending).float().mean().item()  # the one host sync per log point
+        self.pending.clear()
+        self.last_loss = mean
+        self.rows.append([str(step), f"{mean:.7f}", f"{lr:.8g}"])
+        self._write()
+        return mean
+
+    def losses(self) -> list[tuple[int, float]]:
+        return [(int(r[0]), float(r[1])) for r in self.rows]
+
+    def _read(self) -> list[list[str]]:
+        if not self.path.is_file():
+            return []
+        rows = list(csv.reader(self.path.read_text(encoding="utf-8").splitlines()))
+        return [r for r in rows[1:] if r and r[0].isdigit()]
+
+    def _write(self) -> None:
+        # Rewritten whole and atomically: a crash never leaves a torn row, and the file is small.
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(HEADER)
+        writer.writerows(self.rows)
+        write_text(self.path, buf.getvalue())
