@@ -21,6 +21,8 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    # mkstemp creates 0600 files; a webui running as another user (Docker, shared servers) must read them.
+    os.chmod(tmp_path, _file_mode(target))
     try:
         yield tmp_path
         os.replace(tmp_path, target)
@@ -36,3 +38,12 @@ def write_bytes(target: str | os.PathLike, data: bytes) -> None:
 
 def write_text(target: str | os.PathLike, text: str) -> None:
     write_bytes(target, text.encode("utf-8"))
+
+
+def _file_mode(target: Path) -> int:
+    """The existing file's mode, else what a plain open() would give under the current umask."""
+    if target.exists():
+        return target.stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask

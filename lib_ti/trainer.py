@@ -155,22 +155,7 @@ class _Run:
         """One micro-batch: forward, loss (float32), scaled backward. Returns the detached loss."""
         batch = self.draw_batch(micro)
         generator = torch.Generator().manual_seed(step_seed(self.cfg.seed, self.step, micro, "noise"))
-        noise = torch.randn(batch.latents.shape, generator=generator).to(self.device)
-        timesteps = torch.randint(0, len(self.engine.alphas_cumprod), (noise.shape[0],), generator=generator)
-        timesteps = timesteps.to(self.device)
-        alphas = self.engine.alphas_cumprod
-        with torch.autocast(self.device.type, dtype=self.precision, enabled=self.precision != torch.float32):
-            size = (batch.latents.shape[-2] * 8, batch.latents.shape[-1] * 8)  # pixels: the VAE downsamples by 8
-            cond = self.engine.encode_prompts(batch.captions, self.cfg.name, self.vectors, size)
-            pred = self.engine.predict(add_noise(alphas, batch.latents, noise, timesteps), timesteps, cond)
-        target = training_target(self.engine.prediction_type, alphas, batch.latents, noise, timesteps)
-        loss = F.mse_loss(pred.float(), target.float(), reduction="none")
-        if batch.weights is not None:
-            loss = loss * batch.weights
-        loss = loss.mean(dim=(1, 2, 3))
-        if self.cfg.min_snr_gamma:
-            loss = loss * min_snr_weights(self.engine.prediction_type, alphas, timesteps, self.cfg.min_snr_gamma)
-        loss = loss.mean() / self.cfg.grad_accum
+        loss = batch_loss(self.engine, self.cfg, batch, self.vectors, generator, self.precision) / self.cfg.grad_accum
         self.scaler.scale(loss).backward()
         return loss.detach()
 
@@ -260,6 +245,43 @@ class _Run:
 
 
 # ---------------------------------------------------------------------- small helpers
+
+def batch_loss(engine: Engine, cfg: TrainConfig, batch: Batch, vectors: dict[str, torch.Tensor],
+               generator: torch.Generator, precision: torch.dtype) -> torch.Tensor:
+    """The denoising loss of one batch, in float32; noise and timesteps come from ``generator``."""
+    device = engine.device
+    noise = torch.randn(batch.latents.shape, generator=generator).to(device)
+    timesteps = torch.randint(0, len(engine.alphas_cumprod), (noise.shape[0],), generator=generator).to(device)
+    alphas = engine.alphas_cumprod
+    with torch.autocast(device.type, dtype=precision, enabled=precision != torch.float32):
+        size = (batch.latents.shape[-2] * 8, batch.latents.shape[-1] * 8)  # pixels: the VAE downsamples by 8
+        cond = engine.encode_prompts(batch.captions, cfg.name, vectors, size)
+        pred = engine.predict(add_noise(alphas, batch.latents, noise, timesteps), timesteps, cond)
+    target = training_target(engine.prediction_type, alphas, batch.latents, noise, timesteps)
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none")
+    if batch.weights is not None:
+        loss = loss * batch.weights
+    loss = loss.mean(dim=(1, 2, 3))
+    if cfg.min_snr_gamma:
+        loss = loss * min_snr_weights(engine.prediction_type, alphas, timesteps, cfg.min_snr_gamma)
+    return loss.mean()
+
+
+@torch.no_grad()
+def evaluate_loss(engine: Engine, cfg: TrainConfig, data: TrainingData, vectors: dict[str, torch.Tensor], *,
+                  draws: int = 4, seed: int = 12345) -> float:
+    """Mean loss over every sample x ``draws`` fixed (noise, timestep, caption) draws: comparable across vectors."""
+    latents = LatentCache.build(engine, data.samples, cfg.replace(cache_latents_to_disk=False), cfg.run_dir)
+    total = 0.0
+    for draw in range(draws):
+        indices = list(range(len(data.samples)))
+        mean, weights = latents.batch(indices, torch.Generator().manual_seed(seed + draw))
+        rng = random.Random(seed + draw)
+        batch = Batch(mean, [data.caption(i, rng) for i in indices], weights)
+        generator = torch.Generator().manual_seed(seed + 1000 + draw)
+        total += batch_loss(engine, cfg, batch, vectors, generator, torch.float32).item()
+    return total / draws
+
 def step_seed(seed: int, step: int, micro: int, purpose: str) -> int:
     """A seed that depends only on (seed, step, micro-batch, purpose): exact resume needs no RNG state."""
     digest = hashlib.blake2b(f"{seed}:{step}:{micro}:{purpose}".encode(), digest_size=8).digest()

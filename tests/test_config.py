@@ -1,0 +1,85 @@
+import json
+
+import pytest
+import yaml
+
+from lib_ti.config import HELP, TrainConfig, check_paths
+from lib_ti.errors import TIError
+
+
+def test_defaults_are_valid_and_every_field_is_documented():
+    cfg = TrainConfig()
+    assert cfg.planned_steps == cfg.steps
+    assert set(cfg.to_dict()) == set(HELP)
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"steps": 0}, "steps=0"),
+        ({"num_vectors": 76}, "num_vectors=76"),
+        ({"precision": "fp8"}, "precision='fp8'"),
+        ({"clip_mode": "both"}, "clip_mode='both'"),
+        ({"width": 100}, "width=100"),
+        ({"height": 32}, "height=32"),
+        ({"name": "../evil"}, "name='../evil'"),
+        ({"name": ""}, "name=''"),
+        ({"tag_dropout": 1.0}, "tag_dropout=1.0"),
+        ({"learning_rate": "0.05:abc"}, "learning rate schedule"),
+        ({"clip_value": "-1"}, "clip value schedule"),
+        ({"steps": "100"}, "expected int"),
+        ({"flip": "yes"}, "expected bool"),
+        ({"train_encoders": ["clip_x"]}, "train_encoders"),
+        ({"preview_width": 65}, "preview_width=65"),
+    ],
+)
+def test_invalid_values_name_the_field_and_the_fix(changes, fragment):
+    with pytest.raises(TIError) as info:
+        TrainConfig(**changes)
+    assert fragment in str(info.value)
+    assert str(info.value).startswith("[TI Trainer] ")
+
+
+def test_numbers_from_yaml_are_accepted_where_text_or_float_is_expected():
+    cfg = TrainConfig(learning_rate=0.01, min_snr_gamma=5)
+    assert cfg.learning_rate == "0.01" and isinstance(cfg.min_snr_gamma, float)
+
+
+def test_schedule_shorter_than_steps_plans_fewer_steps():
+    assert TrainConfig(steps=1000, learning_rate="0.05:10, 0.005:200").planned_steps == 200
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_round_trip_through_files(tmp_path, suffix):
+    cfg = TrainConfig(name="cat toy", steps=123, learning_rate="0.05:10, 0.005", flip=True, train_encoders=["clip_l"])
+    path = tmp_path / f"run{suffix}"
+    cfg.save(path)
+    assert TrainConfig.load(path) == cfg
+    text = path.read_text()
+    data = yaml.safe_load(text) if suffix == ".yaml" else json.loads(text)
+    assert data["steps"] == 123
+
+
+def test_unknown_keys_and_bad_files_are_clear_errors(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("stepz: 5\n")
+    with pytest.raises(TIError, match=r"unknown config key\(s\) \['stepz'\]"):
+        TrainConfig.load(path)
+    path.write_text("steps: [\n")
+    with pytest.raises(TIError, match="not valid YAML"):
+        TrainConfig.load(path)
+    path.write_text("- 1\n")
+    with pytest.raises(TIError, match="mapping"):
+        TrainConfig.load(path)
+    with pytest.raises(TIError, match="does not exist"):
+        TrainConfig.load(tmp_path / "missing.yaml")
+
+
+def test_check_paths_before_any_model_work(tmp_path):
+    with pytest.raises(TIError, match="model=''"):
+        check_paths(TrainConfig(data_dir=str(tmp_path)))
+    with pytest.raises(TIError, match="data_dir"):
+        check_paths(TrainConfig(model=str(tmp_path), data_dir=str(tmp_path / "nope")))
+    with pytest.raises(TIError, match="init_from"):
+        check_paths(TrainConfig(model=str(tmp_path), data_dir=str(tmp_path), init_from=str(tmp_path / "x.pt")))
+    check_paths(TrainConfig(model=str(tmp_path), data_dir=str(tmp_path)))
