@@ -28,6 +28,7 @@ class TrainingState:
     optimizer: dict[str, Any]
     scaler: dict[str, Any] | None
     config: dict[str, Any]
+    pending_losses: list[float]  # losses since the last loss.csv row, so the resumed log matches
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -42,7 +43,7 @@ def save_checkpoint(run_dir: Path, emb: Embedding, state: TrainingState, fmt: st
     stem = f"{emb.name}-{state.step}"
     emb_path = save_embedding(emb, folder / f"{stem}.{fmt}", overwrite=True)
     payload = {"version": STATE_VERSION, "step": state.step, "vectors": state.vectors, "optimizer": state.optimizer,
-               "scaler": state.scaler, "config": state.config}
+               "scaler": state.scaler, "config": state.config, "pending_losses": state.pending_losses}
     with atomic_path(folder / f"{stem}.state.pt") as tmp:
         torch.save(payload, tmp)
     if keep_last:
@@ -80,7 +81,8 @@ def load_state(path: Path) -> TrainingState:
         raise TIError(f"checkpoint state {str(path)!r} cannot be read ({exc}); resume from an earlier one") from exc
     if data.get("version") != STATE_VERSION:
         raise TIError(f"checkpoint state {str(path)!r} has version {data.get('version')}, expected {STATE_VERSION}")
-    return TrainingState(data["step"], data["vectors"], data["optimizer"], data["scaler"], data["config"])
+    return TrainingState(data["step"], data["vectors"], data["optimizer"], data["scaler"], data["config"],
+                         data["pending_losses"])
 
 
 def _prune(folder: Path, name: str, keep_last: int) -> None:

@@ -34,6 +34,13 @@ class LossLog:
         self._write()
         return mean
 
+    def pending_values(self) -> list[float]:
+        """Losses since the last row (one host sync); a checkpoint keeps them so a resumed log matches."""
+        return [float(v) for v in torch.stack(self.pending).float().cpu()] if self.pending else []
+
+    def restore_pending(self, values: list[float]) -> None:
+        self.pending = [torch.tensor(v) for v in values]
+
     def losses(self) -> list[tuple[int, float]]:
         return [(int(r[0]), float(r[1])) for r in self.rows]
 

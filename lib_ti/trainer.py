@@ -107,6 +107,8 @@ class _Run:
             if state.scaler:
                 self.scaler.load_state_dict(state.scaler)
         self.log = LossLog(self.run_dir / "loss.csv", truncate_after=self.start_step)
+        if state is not None:
+            self.log.restore_pending(state.pending_losses)
         self.cfg.save(self.run_dir / "config.yaml")
         if self.start_step >= self.total:
             self.notes.append(f"the checkpoint is already at step {self.start_step} of {self.total}: nothing to train")
@@ -214,7 +216,7 @@ class _Run:
 
         emb = self.embedding()
         state = TrainingState(self.step, emb.vectors, self.optimizer.state_dict(), self.scaler.state_dict()
-                              if self.scaler.is_enabled() else None, self.cfg.to_dict())
+                              if self.scaler.is_enabled() else None, self.cfg.to_dict(), self.log.pending_values())
         path = save_checkpoint(self.run_dir, emb, state, self.cfg.save_format, self.cfg.keep_last)
         if is_final:
             path = save_embedding(emb, self.run_dir / f"{self.cfg.name}.{self.cfg.save_format}", overwrite=True)

@@ -90,13 +90,14 @@ class StandaloneEngine:
 
     def encode_prompts(self, prompts: list[str], token: str, vectors: dict[str, torch.Tensor],
                        size: tuple[int, int]) -> Conditioning:
+        if set(vectors) != set(self.encoder_widths):
+            raise TIError(f"vectors for {sorted(vectors)} given, this model's encoders are {sorted(self.encoder_widths)}; "
+                          "match the embedding to the model first (embedding.match_to_model)")
         states, pooled = [], None
         for enc in self.encoders:
-            vec = vectors.get(enc.key)
-            n = vec.shape[0] if vec is not None else 0
-            layout = layout_prompts(enc.tokenizer, prompts, token, n, enc.tokenizer.model_max_length)
-            hook = spliced(enc.model.get_input_embeddings(), layout, vec) if n else contextlib.nullcontext()
-            with hook:
+            vec = vectors[enc.key]
+            layout = layout_prompts(enc.tokenizer, prompts, token, vec.shape[0], enc.tokenizer.model_max_length)
+            with spliced(enc.model.get_input_embeddings(), layout, vec):
                 out = enc.model(layout.ids.to(self.device), output_hidden_states=self.family == "sdxl")
             if self.family == "sdxl":
                 states.append(out.hidden_states[-2])  # SDXL conditions on the penultimate layer of both encoders
@@ -208,18 +209,18 @@ def _load_single_file(path: Path, dtype: torch.dtype, config_dir: str | Path | N
 
     is_xl = _single_file_is_sdxl(path)
     cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
+    # Component configs come from a local diffusers folder (never the hub): the one given, else
+    # "<stem>.diffusers" beside the file, as the tiny-model builder and `lib_ti` tools write it.
+    config_dir = config_dir or next((p for p in [path.with_name(path.stem + ".diffusers")] if p.is_dir()), None)
     kwargs: dict[str, Any] = dict(local_files_only=True, torch_dtype=dtype)
     if config_dir:
         kwargs["config"] = str(config_dir)
-    yaml_path = path.with_suffix(".yaml")
-    if yaml_path.is_file():
-        kwargs["original_config"] = str(yaml_path)
     try:
         pipe = cls.from_single_file(str(path), **kwargs)
     except Exception as exc:
         raise TIError(
             f"could not load single-file checkpoint {str(path)!r} offline ({type(exc).__name__}: {exc}); "
-            "pass --config with a local diffusers folder of the same architecture for the component configs"
+            "pass --model-config with a local diffusers folder of the same architecture for the component configs"
         ) from exc
     if is_xl:
         encoders = [TextEncoder("clip_l", pipe.text_encoder, pipe.tokenizer),

@@ -1,0 +1,35 @@
+"""Shared fixtures. ``tiny_model`` builds each tiny SD model once per test session."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # let tests import lib_ti without installing the project
+    sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """Factory ``tiny_model(family, single_file=False, prediction_type=None) -> Path``.
+
+    Returns the diffusers folder, or with ``single_file=True`` the original-layout
+    ``.safetensors`` (its ``.yaml`` and ``<stem>.diffusers`` config folder lie beside it).
+    Each combination is built once per session (seed 0) and shared: treat it as read-only.
+    """
+    from lib_ti.tiny import build_tiny_model
+
+    built: dict[tuple, Path] = {}
+
+    def make(family: str, single_file: bool = False, prediction_type: str | None = None) -> Path:
+        key = (family, single_file, prediction_type)
+        if key not in built:
+            label = f"tiny-{family}-{'single' if single_file else 'diffusers'}-{prediction_type or 'default'}"
+            out = tmp_path_factory.mktemp(label)
+            built[key] = build_tiny_model(family, out, single_file=single_file, prediction_type=prediction_type)
+        return built[key]
+
+    return make
