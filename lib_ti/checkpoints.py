@@ -85,8 +85,12 @@ def load_state(path: Path) -> TrainingState:
                          data["pending_losses"])
 
 
+def remove_checkpoint(run_dir: Path, name: str, step: int) -> None:
+    """Delete the embedding and state files of one checkpoint."""
+    for path in checkpoint_dir(run_dir).glob(f"{name}-{step}.*"):
+        path.unlink(missing_ok=True)
+
+
 def _prune(folder: Path, name: str, keep_last: int) -> None:
-    states = list_states(folder.parent, name)
-    for step, state_path in states[:-keep_last]:
-        for path in folder.glob(f"{name}-{step}.*"):
-            path.unlink(missing_ok=True)
+    for step, _ in list_states(folder.parent, name)[:-keep_last]:
+        remove_checkpoint(folder.parent, name, step)

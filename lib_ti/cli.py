@@ -41,9 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Print what an embedding file holds; convert it with --to.")
     inspect_cmd.add_arguments(inspect)
     inspect.set_defaults(run=inspect_cmd.run)
-    from . import bench
+    from . import bench, demo
 
     bench.add_parser(sub)
+    demo.add_parser(sub)
     return parser
 
 

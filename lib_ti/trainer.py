@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import events
-from .checkpoints import TrainingState, list_states, load_latest, save_checkpoint
+from .checkpoints import TrainingState, list_states, load_latest, remove_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import TrainingData, prepare_data
 from .embedding import Embedding, match_to_model
@@ -92,6 +92,8 @@ class _Run:
                     f"run folder {str(self.run_dir)!r} already holds checkpoints of {self.cfg.name!r} (last at step "
                     f"{existing[-1][0]}): resume it, pick another name or output folder, or allow overwrite"
                 )
+            for step, _ in existing:  # overwrite: an old run's later checkpoints must not outlive this one's
+                remove_checkpoint(self.run_dir, self.cfg.name, step)
             vectors, self.start_step, state = self._initial_vectors(), 0, None
         self.step = self.start_step
         self.vectors = {k: v.detach().to(self.device, torch.float32).clone() for k, v in vectors.items()}

@@ -153,7 +153,8 @@ def test_existing_run_is_never_overwritten_unless_asked(engines, images, tmp_pat
     train(engines("sd1"), cfg)
     with pytest.raises(TIError, match="already holds checkpoints"):
         train(engines("sd1"), cfg)
-    train(engines("sd1"), cfg.replace(overwrite=True))
+    train(engines("sd1"), cfg.replace(steps=1, overwrite=True, save_every=1))
+    assert sorted(p.name for p in (cfg.run_dir / "checkpoints").iterdir()) == ["tok-1.safetensors", "tok-1.state.pt"]
     with pytest.raises(TIError, match="nothing to resume"):
         train(engines("sd1"), cfg.replace(output_dir=str(tmp_path / "other")), resume=True)
 

@@ -55,6 +55,7 @@ class StandaloneEngine:
              config_dir: str | Path | None = None) -> "StandaloneEngine":
         """Load a diffusers folder, or a single file whose component configs come from ``config_dir``."""
         path = Path(path)
+        _quiet_libraries()
         if not path.exists():
             raise TIError(f"model {str(path)!r} does not exist: give a diffusers folder or a .safetensors/.ckpt file")
         if path.is_dir():
@@ -65,7 +66,7 @@ class StandaloneEngine:
             raise TIError(f"model {str(path)!r}: expected a diffusers folder or a .safetensors/.ckpt file")
         unet, vae, encoders, sched, family = parts
         # The VAE stays float32: it only caches latents and decodes previews, and SDXL's VAE overflows in fp16.
-        vae.to(device=device, dtype=torch.float32)
+        vae.to(device=device)
         unet.to(device=device)
         for enc in encoders:
             enc.model.to(device=device)
@@ -171,6 +172,18 @@ class StandaloneEngine:
 
 
 # ---------------------------------------------------------------------- loading helpers
+def _quiet_libraries() -> None:
+    """diffusers/transformers log advice meant for their own users (install accelerate, ...) and
+    per-file progress bars; our progress reporting is the trainer's events. Errors still show."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+
+
 def _alphas_cumprod(config: dict) -> torch.Tensor:
     from diffusers import DDPMScheduler
 
@@ -230,7 +243,7 @@ def _load_single_file(path: Path, dtype: torch.dtype, config_dir: str | Path | N
         family = _one_encoder_family(pipe.text_encoder, pipe.tokenizer)
         encoders = [TextEncoder("clip_l" if family == "sd1" else "clip_h", pipe.text_encoder, pipe.tokenizer)]
     sched = dict(pipe.scheduler.config)
-    pipe.vae.to(torch.float32)
+    pipe.vae.float()
     return pipe.unet, pipe.vae, encoders, sched, family
 
 

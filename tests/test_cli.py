@@ -1,0 +1,91 @@
+"""The command line as a user runs it: a fresh interpreter, real files, exit codes and output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from lib_ti.bench import draw_images
+from lib_ti.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, check=True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "lib_ti", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def test_help_documents_every_config_option():
+    out = cli("train", "--help").stdout
+    for f in fields(TrainConfig):
+        assert f"--{f.name.replace('_', '-')}" in out, f.name
+    assert "--resume" in out and "--config" in out and "--data" in out
+    assert "speed" in cli("bench", "--help").stdout
+
+
+@pytest.mark.slow
+def test_train_then_inspect_then_resume_further(tiny_model, tmp_path):
+    model = tiny_model("sd1")
+    data = draw_images(tmp_path / "imgs", 3, 64)
+    run = tmp_path / "run"
+    common = ["--model", model, "--data", data, "--name", "cli-tok", "--output-dir", run, "--width", "64",
+              "--height", "64", "--save-every", "2", "--preview-every", "0", "--init-text", "a dog", "--num-vectors", "2"]
+    train = cli("train", *common, "--steps", "4")
+    assert "finished at step 4" in train.stdout
+    emb = run / "cli-tok.safetensors"
+    assert emb.is_file() and (run / "loss.csv").is_file() and (run / "config.yaml").is_file()
+
+    shown = json.loads(cli("inspect", emb, "--json").stdout)
+    assert shown["num_vectors"] == 2 and shown["step"] == 4 and shown["widths"] == {"clip_l": 32}
+
+    converted = tmp_path / "cli-tok.pt"
+    cli("inspect", emb, "--to", converted)
+    assert "string_to_param" in cli("inspect", converted).stdout
+
+    again = cli("train", *common, "--steps", "4", check=False)
+    assert again.returncode == 2 and "already holds checkpoints" in again.stderr
+    more = cli("train", *common, "--steps", "6", "--resume")
+    assert "finished at step 6" in more.stdout
+
+
+@pytest.mark.slow
+def test_config_file_with_flag_overrides(tiny_model, tmp_path):
+    data = draw_images(tmp_path / "imgs", 2, 64)
+    cfg = TrainConfig(name="from-file", model=str(tiny_model("sd1")), data_dir=str(data), width=64, height=64,
+                      steps=50, output_dir=str(tmp_path / "run"), save_every=0, preview_every=0)
+    cfg.save(tmp_path / "run.yaml")
+    out = cli("train", "--config", tmp_path / "run.yaml", "--steps", "2").stdout
+    assert "finished at step 2" in out
+    assert TrainConfig.load(tmp_path / "run" / "config.yaml").steps == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "/nonexistent/model", "--data", "."], "model='/nonexistent/model'"),
+        (["--data", "/nonexistent/data", "--model", "."], "data_dir='/nonexistent/data'"),
+        (["--model", ".", "--data", ".", "--learning-rate", "0.05:abc"], "'abc'"),
+        (["--model", ".", "--data", ".", "--name", "a/b"], "name='a/b'"),
+        (["--model", ".", "--data", "tests", "--template", "nosuch"], "nosuch"),
+    ],
+)
+def test_bad_input_is_one_clear_line_before_any_model_work(args, message):
+    proc = cli("train", *args, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("[TI Trainer] ") and message in proc.stderr
+    assert "Traceback" not in proc.stderr and "loading" not in proc.stderr
+
+
+def test_empty_data_folder_is_reported_before_loading_the_model(tmp_path):
+    (tmp_path / "data").mkdir()
+    proc = cli("train", "--model", tmp_path, "--data", tmp_path / "data", check=False)
+    assert proc.returncode == 2 and "no image" in proc.stderr.lower() and "loading" not in proc.stderr
