@@ -45,12 +45,16 @@ def train(engine: Engine, cfg: TrainConfig, *, data: TrainingData | None = None,
     data = data or prepare_data(cfg)
     run = _Run(engine, cfg, data, emit, preview_fn or engine.render_preview)
     run.restore_or_start(resume)
-    with engine.frozen():
-        engine.set_gradient_checkpointing(cfg.gradient_checkpointing)
-        run.cache_latents()
-        emit(events.Started(run.step, run.total, data.num_images, len(data.samples), run.notes,
-                            time.perf_counter() - t_start))
-        reason = run.loop(should_stop)
+    try:
+        with engine.frozen():
+            engine.set_gradient_checkpointing(cfg.gradient_checkpointing)
+            run.cache_latents()
+            emit(events.Started(run.step, run.total, data.num_images, len(data.samples), run.notes,
+                                time.perf_counter() - t_start))
+            reason = run.loop(should_stop)
+    except Exception:
+        run.save_after_error()
+        raise
     final_path = run.save(is_final=True)
     result = events.Result(run.step, final_path, run.log.last_loss, reason != "done", run.describe(reason),
                            run.skipped)
@@ -81,20 +85,13 @@ class _Run:
 
     # ------------------------------------------------------------------ setup
     def restore_or_start(self, resume: bool) -> None:
-        existing = list_states(self.run_dir, self.cfg.name)
-        if resume:
-            state = load_latest(self.run_dir, self.cfg.name)
+        state = load_latest(self.run_dir, self.cfg.name) if resume else None
+        if state is not None:
             self._check_resumable(state)
             vectors, self.start_step = state.vectors, state.step
         else:
-            if existing and not self.cfg.overwrite:
-                raise TIError(
-                    f"run folder {str(self.run_dir)!r} already holds checkpoints of {self.cfg.name!r} (last at step "
-                    f"{existing[-1][0]}): resume it, pick another name or output folder, or allow overwrite"
-                )
-            for step, _ in existing:  # overwrite: an old run's later checkpoints must not outlive this one's
-                remove_checkpoint(self.run_dir, self.cfg.name, step)
-            vectors, self.start_step, state = self._initial_vectors(), 0, None
+            self._clear_old_run()
+            vectors, self.start_step = self._initial_vectors(), 0
         self.step = self.start_step
         self.vectors = {k: v.detach().to(self.device, torch.float32).clone() for k, v in vectors.items()}
         trained = self.cfg.train_encoders or list(self.vectors)
@@ -104,16 +101,25 @@ class _Run:
                           f"{list(self.vectors)}")
         self.optimizer = make_optimizer(self.cfg, self.params, self.lr_schedule.value_at(self.step))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == torch.float16)
+        self.log = LossLog(self.run_dir / "loss.csv", truncate_after=self.start_step)
         if state is not None:
             self.optimizer.load_state_dict(state.optimizer)
             if state.scaler:
                 self.scaler.load_state_dict(state.scaler)
-        self.log = LossLog(self.run_dir / "loss.csv", truncate_after=self.start_step)
-        if state is not None:
             self.log.restore_pending(state.pending_losses)
         self.cfg.save(self.run_dir / "config.yaml")
         if self.start_step >= self.total:
             self.notes.append(f"the checkpoint is already at step {self.start_step} of {self.total}: nothing to train")
+
+    def _clear_old_run(self) -> None:
+        existing = list_states(self.run_dir, self.cfg.name)
+        if existing and not self.cfg.overwrite:
+            raise TIError(
+                f"run folder {str(self.run_dir)!r} already holds checkpoints of {self.cfg.name!r} (last at step "
+                f"{existing[-1][0]}): resume it, pick another name or output folder, or allow overwrite"
+            )
+        for step, _ in existing:  # overwrite: an old run's later checkpoints must not outlive this one's
+            remove_checkpoint(self.run_dir, self.cfg.name, step)
 
     def _initial_vectors(self) -> dict[str, torch.Tensor]:
         if self.cfg.init_from:
@@ -224,6 +230,17 @@ class _Run:
             path = save_embedding(emb, self.run_dir / f"{self.cfg.name}.{self.cfg.save_format}", overwrite=True)
         self.emit(events.Saved(self.step, path, is_final))
         return path
+
+    def save_after_error(self) -> None:
+        """Keep the steps done before a crash (out of memory, a host error): --resume continues from here."""
+        if self.step <= self.start_step:
+            return
+        try:
+            path = self.save(is_final=False)
+        except Exception as exc:  # the original error matters more; say why nothing was saved
+            self.emit(events.Warning(self.step, f"could not save after the error: {type(exc).__name__}: {exc}"))
+            return
+        self.emit(events.Warning(self.step, f"training failed at step {self.step}; progress saved to {path}"))
 
     def preview(self) -> None:
         request = preview_request(self.cfg, self.data)

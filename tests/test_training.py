@@ -196,3 +196,27 @@ def test_init_from_an_existing_embedding_and_width_mismatch(engines, images, tmp
     # The tiny SD1 and SD2 share a width, so the mismatch shown is SD1 onto SDXL (widths are unit-tested).
     with pytest.raises(TIError, match="cannot be trained on SDXL"):
         train(engines("sdxl"), cont.replace(output_dir=str(tmp_path / "wrong")))
+
+
+def test_a_crash_mid_run_keeps_the_steps_done_and_resume_continues(engines, images, tmp_path):
+    engine = engines("sd1")
+    real_predict = engine.predict
+    calls = {"n": 0}
+
+    def crashing_predict(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_predict(*args, **kwargs)
+
+    engine.predict = crashing_predict
+    seen: list = []
+    cfg = config(tmp_path, images, steps=5)
+    try:
+        with pytest.raises(RuntimeError, match="simulated"):
+            train(engine, cfg, on_event=collect(seen))
+    finally:
+        del engine.predict
+    assert any(isinstance(e, events.Warning) and "progress saved" in e.message for e in seen)
+    assert load_embedding(cfg.run_dir / "checkpoints" / "tok-3.safetensors").step == 3
+    assert train(engine, cfg, resume=True).steps_done == 5
