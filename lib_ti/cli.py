@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import typing
@@ -16,6 +17,8 @@ ALIASES = {"data_dir": ["--data"]}
 
 
 def main(argv: list[str] | None = None) -> int:
+    # transformers logs advice for its own users at import (e.g. "requires torchvision"); errors still show.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):
@@ -92,7 +95,7 @@ def run_train(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     engine = load_engine(cfg.model, device, args.weights_dtype, args.model_config)
-    return _train_with_progress(engine, cfg, data, resume=args.resume)
+    return train_with_progress(engine, cfg, data, resume=args.resume)
 
 
 def load_engine(model: str, device, weights_dtype: str = "auto", model_config: str | None = None):
@@ -106,7 +109,7 @@ def load_engine(model: str, device, weights_dtype: str = "auto", model_config: s
     return StandaloneEngine.load(model, device=device, dtype=dtype, config_dir=model_config)
 
 
-def _train_with_progress(engine, cfg: TrainConfig, data, *, resume: bool) -> int:
+def train_with_progress(engine, cfg: TrainConfig, data, *, resume: bool) -> int:
     from .progress import ConsoleProgress
     from .trainer import train
 

@@ -25,7 +25,7 @@ def run_demo(args: argparse.Namespace) -> int:
     import torch
 
     from .bench import draw_images
-    from .cli import _train_with_progress
+    from .cli import train_with_progress
     from .config import TrainConfig
     from .data import prepare_data
     from .engines.standalone import StandaloneEngine
@@ -43,7 +43,7 @@ def run_demo(args: argparse.Namespace) -> int:
                       height=64, save_every=max(1, args.steps // 2), preview_every=args.steps, preview_steps=4,
                       learning_rate="0.02")
     engine = StandaloneEngine.load(model, device=torch.device("cpu"))
-    code = _train_with_progress(engine, cfg, prepare_data(cfg), resume=False)
+    code = train_with_progress(engine, cfg, prepare_data(cfg), resume=False)
     final = cfg.run_dir / f"{cfg.name}.safetensors"
     print(format_description(describe(final)))
     print(f"{PREFIX} demo done: embedding {final}, loss log {cfg.run_dir / 'loss.csv'}, previews {cfg.run_dir / 'previews'}")

@@ -80,7 +80,10 @@ def build_tiny_model(
     ``prediction_type`` defaults to "v_prediction" for sd2 and "epsilon" otherwise.
     The same ``seed`` always gives the same weights, in either form.
     """
+    from .engines.standalone import quiet_libraries
+
     prediction = _check_args(family, prediction_type)
+    quiet_libraries()  # no per-shard progress bars from save_pretrained
     pipe = _build_pipeline(family, seed, prediction)
     out = Path(out_dir)
     if not single_file:

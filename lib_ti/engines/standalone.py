@@ -55,7 +55,7 @@ class StandaloneEngine:
              config_dir: str | Path | None = None) -> "StandaloneEngine":
         """Load a diffusers folder, or a single file whose component configs come from ``config_dir``."""
         path = Path(path)
-        _quiet_libraries()
+        quiet_libraries()
         if not path.exists():
             raise TIError(f"model {str(path)!r} does not exist: give a diffusers folder or a .safetensors/.ckpt file")
         if path.is_dir():
@@ -172,7 +172,7 @@ class StandaloneEngine:
 
 
 # ---------------------------------------------------------------------- loading helpers
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """diffusers/transformers log advice meant for their own users (install accelerate, ...) and
     per-file progress bars; our progress reporting is the trainer's events. Errors still show."""
     from diffusers.utils import logging as diffusers_logging
