@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -159,23 +161,27 @@ def test_existing_run_is_never_overwritten_unless_asked(engines, images, tmp_pat
         train(engines("sd1"), cfg.replace(output_dir=str(tmp_path / "other")), resume=True)
 
 
-def test_non_finite_loss_is_skipped_and_reported(engines, images, tmp_path):
-    engine = engines("sd1")
-    real_predict = engine.predict
-    calls = {"n": 0}
+@contextlib.contextmanager
+def predict_fails_on_call(engine, call: int, failure):
+    """Make the engine's ``call``-th UNet prediction go wrong via ``failure(prediction)``."""
+    real_predict, calls = engine.predict, {"n": 0}
 
-    def flaky_predict(*args, **kwargs):
+    def predict(*args, **kwargs):
         calls["n"] += 1
         out = real_predict(*args, **kwargs)
-        return out * float("nan") if calls["n"] == 2 else out
+        return failure(out) if calls["n"] == call else out
 
-    engine.predict = flaky_predict
+    engine.predict = predict
     try:
-        seen: list = []
-        cfg = config(tmp_path, images, steps=3)
-        result = train(engine, cfg, on_event=collect(seen))
+        yield
     finally:
         del engine.predict
+
+
+def test_non_finite_loss_is_skipped_and_reported(engines, images, tmp_path):
+    seen: list = []
+    with predict_fails_on_call(engines("sd1"), 2, lambda out: out * float("nan")):
+        result = train(engines("sd1"), config(tmp_path, images, steps=3), on_event=collect(seen))
     assert result.skipped_steps == 1
     warnings = [e for e in seen if isinstance(e, events.Warning)]
     assert len(warnings) == 1 and "step 2" in warnings[0].message and "skipped" in warnings[0].message
@@ -199,24 +205,13 @@ def test_init_from_an_existing_embedding_and_width_mismatch(engines, images, tmp
 
 
 def test_a_crash_mid_run_keeps_the_steps_done_and_resume_continues(engines, images, tmp_path):
-    engine = engines("sd1")
-    real_predict = engine.predict
-    calls = {"n": 0}
+    def out_of_memory(_prediction):
+        raise RuntimeError("CUDA out of memory (simulated)")
 
-    def crashing_predict(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise RuntimeError("CUDA out of memory (simulated)")
-        return real_predict(*args, **kwargs)
-
-    engine.predict = crashing_predict
     seen: list = []
     cfg = config(tmp_path, images, steps=5)
-    try:
-        with pytest.raises(RuntimeError, match="simulated"):
-            train(engine, cfg, on_event=collect(seen))
-    finally:
-        del engine.predict
+    with predict_fails_on_call(engines("sd1"), 4, out_of_memory), pytest.raises(RuntimeError, match="simulated"):
+        train(engines("sd1"), cfg, on_event=collect(seen))
     assert any(isinstance(e, events.Warning) and "progress saved" in e.message for e in seen)
     assert load_embedding(cfg.run_dir / "checkpoints" / "tok-3.safetensors").step == 3
-    assert train(engine, cfg, resume=True).steps_done == 5
+    assert train(engines("sd1"), cfg, resume=True).steps_done == 5
