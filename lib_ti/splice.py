@@ -47,9 +47,10 @@ def layout_prompts(tokenizer, prompts: list[str], token: str, num_vectors: int, 
         row = [tokenizer.bos_token_id, *body, tokenizer.eos_token_id]
         row += [tokenizer.pad_token_id] * (max_length - len(row))
         rows.append(row)
-    kept = [s for s in slots if s[1] < max_length - 1]
-    as_long = lambda i: torch.tensor([s[i] for s in kept], dtype=torch.long)  # noqa: E731
-    return SlotLayout(torch.tensor(rows, dtype=torch.long), as_long(0), as_long(1), as_long(2))
+    kept = [s for s in slots if s[1] < max_length - 1]  # slots cut off by truncation are dropped
+    batch_index, position, vector_index = (torch.tensor(column, dtype=torch.long).reshape(-1) for column in
+                                           zip(*kept)) if kept else (torch.zeros(0, dtype=torch.long),) * 3
+    return SlotLayout(torch.tensor(rows, dtype=torch.long), batch_index, position, vector_index)
 
 
 @contextlib.contextmanager
