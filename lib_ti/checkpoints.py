@@ -16,7 +16,7 @@ import torch
 
 from .embedding import Embedding
 from .errors import TIError
-from .fileio import atomic_path
+from .fileio import atomic_path, load_torch
 
 STATE_VERSION = 1
 
@@ -76,7 +76,7 @@ def load_latest(run_dir: Path, name: str) -> TrainingState:
 
 def load_state(path: Path) -> TrainingState:
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)  # never run pickled code
+        data = load_torch(path)  # never run pickled code
     except Exception as exc:
         raise TIError(f"checkpoint state {str(path)!r} cannot be read ({exc}); resume from an earlier one") from exc
     if data.get("version") != STATE_VERSION:

@@ -74,6 +74,7 @@ HELP: dict[str, str] = {
     'save_format': 'safetensors (every tool loads it) or pt (the webui classic format)',
     'preview_negative_prompt': 'negative prompt of the preview renders',
     'preview_steps': 'sampling steps of a preview render',
+    'preview_sampler': 'webui: sampler of the preview renders ("" = Euler); the headless engine always uses Euler',
     'preview_cfg_scale': 'classifier-free guidance scale of a preview render',
     'preview_seed': 'seed of the preview renders (fixed, so previews are comparable across steps)',
     'preview_height': '0 = training height',
@@ -133,6 +134,7 @@ class TrainConfig:
     preview_prompt: str = ""
     preview_negative_prompt: str = ""
     preview_steps: int = 20
+    preview_sampler: str = ""
     preview_cfg_scale: float = 7.0
     preview_seed: int = 0
     preview_width: int = 0

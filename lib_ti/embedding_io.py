@@ -67,7 +67,7 @@ import torch
 
 from .embedding import SDXL_KEYS, Embedding
 from .errors import TIError
-from .fileio import atomic_path
+from .fileio import atomic_path, load_torch
 
 FORMATS = ("safetensors", "pt", "png", "webp", "diffusers")
 _SUFFIX_FORMATS = {".safetensors": "safetensors", ".pt": "pt", ".bin": "pt", ".png": "png", ".webp": "webp"}
@@ -199,7 +199,7 @@ def _read_torch(path: Path) -> dict:
     allow = getattr(torch.serialization, "safe_globals", None)
     try:
         with allow([torch.nn.ParameterDict]) if allow else contextlib.nullcontext():
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            data = load_torch(path)
     except pickle.UnpicklingError as e:
         if "weights only" not in str(e).lower():
             raise TIError(f"{path} could not be unpickled ({e}): the file is damaged or incomplete") from e

@@ -50,10 +50,12 @@ class Engine(Protocol):
 class PreviewRequest:
     """What a preview render needs; filled from the config by the trainer."""
 
-    def __init__(self, prompt: str, negative_prompt: str, steps: int, cfg_scale: float, seed: int, width: int, height: int):
+    def __init__(self, prompt: str, negative_prompt: str, steps: int, cfg_scale: float, seed: int, width: int, height: int,
+                 sampler_name: str = ""):
         self.prompt, self.negative_prompt = prompt, negative_prompt
         self.steps, self.cfg_scale, self.seed = steps, cfg_scale, seed
         self.width, self.height = width, height
+        self.sampler_name = sampler_name  # a host sampler name; "" = the engine's default (Euler)
 
 
 # ---------------------------------------------------------------------- diffusion math

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .fileio import load_torch
+
 ENCODE_BATCH = 4  # images per VAE call while caching: bounded memory, still batched
 
 
@@ -28,7 +30,7 @@ class LatentCache:
     def build(cls, engine, samples: Sequence, cfg, run_dir: Path) -> "LatentCache":
         disk = Path(run_dir) / f"latents-{_cache_key(engine, samples, cfg)}.pt" if cfg.cache_latents_to_disk else None
         if disk is not None and disk.is_file():
-            data = torch.load(disk, map_location="cpu", weights_only=True)
+            data = load_torch(disk)
             mean, std = data["mean"], data["std"]
         else:
             mean, std = _encode_all(engine, samples)

@@ -331,7 +331,8 @@ def make_optimizer(cfg: TrainConfig, params: list[torch.Tensor], lr: float) -> t
 def preview_request(cfg: TrainConfig, data: TrainingData) -> PreviewRequest:
     prompt = cfg.preview_prompt or data.caption(0, random.Random(cfg.preview_seed))
     return PreviewRequest(prompt, cfg.preview_negative_prompt, cfg.preview_steps, cfg.preview_cfg_scale,
-                          cfg.preview_seed, cfg.preview_width or cfg.width, cfg.preview_height or cfg.height)
+                          cfg.preview_seed, cfg.preview_width or cfg.width, cfg.preview_height or cfg.height,
+                          cfg.preview_sampler)
 
 
 class _Timer:

@@ -1,45 +1,53 @@
-"""The Train Embedding tab.
+"""The Train Embedding tab (Gradio 3.41, the webui's version).
 
 Registered inside the host's Train tab when the host calls ``on_ui_train_tabs``, and as a top-level
-tab otherwise. Training inside the webui against the loaded checkpoint is not wired yet (tracked
-as its own issue); until then the tab says so and points to the headless trainer, rather than
-offering controls that do nothing.
+tab otherwise. The controls are generated from ``TrainConfig``'s fields, so every training setting of
+the core config is here with its help text, and nothing is wired twice.
 """
 
 from __future__ import annotations
+
+import typing
+from dataclasses import fields
+
+from ..config import HELP, TrainConfig
+from ..errors import TIError
+from ..templates import builtin_names
 
 TAB_TITLE = "Train Embedding"
 ELEM_PREFIX = "ti_trainer"
 _state = {"in_train_tab": False}
 
-NOT_YET = (
-    "### Train Embedding (sd-webui-ti-trainer)\n"
-    "Training against the loaded checkpoint from this tab is not available in this version yet.\n\n"
-    "The same trainer runs headless today: `python -m lib_ti train --model MODEL --data IMAGES --name NAME` "
-    "from the extension folder (see its README). Copy the saved `.safetensors` into the webui's "
-    "`embeddings` folder to use it in a prompt."
-)
+# Controls by section; fields not listed (model, train_encoders) make no sense in the webui's tab.
+SECTIONS: list[tuple[str, list[str]]] = [
+    ("Training", ["steps", "batch_size", "grad_accum", "learning_rate", "optimizer", "weight_decay", "clip_mode",
+                  "clip_value", "min_snr_gamma", "precision", "gradient_checkpointing", "seed"]),
+    ("Data", ["width", "height", "crop", "flip", "random_crops", "repeats", "shuffle_tags", "tag_dropout",
+              "keep_tokens", "use_alpha_weight", "latent_sampling", "cache_latents_to_disk"]),
+    ("Saving and previews", ["output_dir", "save_every", "keep_last", "save_format", "log_every", "preview_every",
+                             "preview_prompt", "preview_negative_prompt", "preview_steps", "preview_sampler",
+                             "preview_cfg_scale", "preview_seed", "preview_width", "preview_height"]),
+]
+TOP_FIELDS = ["name", "init_text", "num_vectors", "overwrite", "init_from", "data_dir", "template"]
+FIELD_NAMES = TOP_FIELDS + [name for _, names in SECTIONS for name in names]
+# The order of UiTrainTabParams.txt2img_preview_params (modules/ui.py).
+TXT2IMG_FIELDS = ["preview_prompt", "preview_negative_prompt", "preview_steps", "preview_sampler",
+                  "preview_cfg_scale", "preview_seed", "preview_width", "preview_height"]
+SETTING_DEFAULTS = ["precision", "save_every", "keep_last", "preview_every"]
 
 
 def element_id(name: str) -> str:
     return f"{ELEM_PREFIX}_{name}"
 
 
-def _build():
-    import gradio as gr
-
-    with gr.Blocks(analytics_enabled=False) as block:
-        gr.Markdown(NOT_YET, elem_id=element_id("notice"))
-    return block
-
-
+# ---------------------------------------------------------------------- callbacks
 def on_ui_train_tabs(params) -> None:
-    """Inside the host's Train tab: ``params.txt2img_preview_params`` is available here."""
+    """Inside the host's Train tab: ``params.txt2img_preview_params`` feeds "previews from txt2img"."""
     import gradio as gr
 
     _state["in_train_tab"] = True
     with gr.Tab(label=TAB_TITLE, id=element_id("tab")):
-        gr.Markdown(NOT_YET, elem_id=element_id("notice"))
+        build_controls(list(getattr(params, "txt2img_preview_params", []) or []))
 
 
 def on_ui_tabs():
@@ -47,3 +55,158 @@ def on_ui_tabs():
     if _state["in_train_tab"]:
         return []
     return [(_build(), TAB_TITLE, element_id("top_tab"))]
+
+
+def _build():
+    import gradio as gr
+
+    with gr.Blocks(analytics_enabled=False) as block:
+        build_controls([])
+    return block
+
+
+# ---------------------------------------------------------------------- the controls
+def build_controls(txt2img_params: list) -> None:
+    import gradio as gr
+
+    from . import a1111
+
+    defaults = TrainConfig().to_dict() | {k: a1111.setting(k) for k in SETTING_DEFAULTS}
+    widgets: dict[str, typing.Any] = {}
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3):
+            gr.HTML("<p>Train a textual-inversion embedding on the checkpoint loaded above. Every checkpoint of the "
+                    "embedding is saved into the embeddings folder and usable in txt2img at once.</p>")
+            with gr.Row():
+                for name in ("name", "init_text", "num_vectors"):
+                    widgets[name] = _widget(name, defaults[name])
+            with gr.Row():
+                widgets["init_from"] = gr.Dropdown(label="Continue from embedding (optional)", choices=_names(),
+                                                   value="", allow_custom_value=True, info=HELP["init_from"],
+                                                   elem_id=element_id("init_from"))
+                refresh = gr.Button(value="\U0001f504", elem_id=element_id("refresh"), scale=0, min_width=40)
+                widgets["overwrite"] = _widget("overwrite", defaults["overwrite"])
+            widgets["data_dir"] = _widget("data_dir", defaults["data_dir"])
+            widgets["template"] = gr.Dropdown(label="Prompt template", choices=builtin_names(), value="object",
+                                              allow_custom_value=True, info=HELP["template"] + " (a file path works)",
+                                              elem_id=element_id("template"))
+            for title, names in SECTIONS:
+                with gr.Accordion(title, open=title == "Training"):
+                    for name in names:
+                        widgets[name] = _widget(name, defaults[name])
+            from_txt2img = gr.Checkbox(label="Read preview parameters (prompt, sampler, seed, size, ...) from the "
+                                             "txt2img tab", value=False, visible=bool(txt2img_params),
+                                       elem_id=element_id("from_txt2img"))
+            with gr.Row():
+                create = gr.Button(value="Create embedding", elem_id=element_id("create"))
+                train = gr.Button(value="Train", variant="primary", elem_id=element_id("train"))
+                resume = gr.Button(value="Resume", elem_id=element_id("resume"))
+                stop = gr.Button(value="Stop", elem_id=element_id("stop"))
+        with gr.Column(scale=2):
+            task_id = gr.Text(elem_id=element_id("output"), value="", show_label=False)
+            gallery = gr.Gallery(label="Previews", show_label=False, elem_id=element_id("gallery"), columns=4)
+            progress = gr.HTML(elem_id=element_id("progress"), value="")
+            outcome = gr.HTML(elem_id=element_id("outcome"), value="")
+
+    inputs = [task_id, *[widgets[n] for n in FIELD_NAMES], from_txt2img, *txt2img_params]
+    outputs = [gallery, progress, outcome]
+    train.click(fn=a1111.wrap_gpu_call(_train_clicked, [None, ""]), _js="ti_trainer_start", inputs=inputs,
+                outputs=outputs)
+    resume.click(fn=a1111.wrap_gpu_call(_resume_clicked, [None, ""]), _js="ti_trainer_start", inputs=inputs,
+                 outputs=outputs)
+    create.click(fn=a1111.wrap_gpu_call(_create_clicked, [None, ""]), inputs=inputs, outputs=outputs)
+    stop.click(fn=_stop_clicked, inputs=[], outputs=[outcome], queue=False)
+    refresh.click(fn=lambda: gr.update(choices=_names()), inputs=[], outputs=[widgets["init_from"]], queue=False)
+
+
+def _widget(name: str, default):
+    import gradio as gr
+
+    hint = typing.get_type_hints(TrainConfig)[name]
+    label = name.replace("_", " ").capitalize()
+    kwargs = dict(label=label, info=HELP[name], elem_id=element_id(name))
+    if typing.get_origin(hint) is typing.Literal:
+        return gr.Dropdown(choices=list(typing.get_args(hint)), value=default, **kwargs)
+    if hint is bool:
+        return gr.Checkbox(value=default, **kwargs)
+    if hint is int:
+        return gr.Number(value=default, precision=0, **kwargs)
+    if hint is float:
+        return gr.Number(value=default, **kwargs)
+    return gr.Textbox(value=default, **kwargs)
+
+
+def _names() -> list[str]:
+    from . import a1111
+
+    return [""] + a1111.loaded_embedding_names()
+
+
+# ---------------------------------------------------------------------- handlers
+def config_from_values(values: list, from_txt2img: bool, txt2img: list) -> TrainConfig:
+    """The tab's values as a validated config (numbers come back from Gradio as floats)."""
+    hints = typing.get_type_hints(TrainConfig)
+    data = dict(zip(FIELD_NAMES, values))
+    if from_txt2img and txt2img:
+        data.update(zip(TXT2IMG_FIELDS, txt2img))
+    for name, value in data.items():
+        if hints[name] is int and isinstance(value, float) and value.is_integer():
+            data[name] = int(value)
+        elif hints[name] is str and value is None:
+            data[name] = ""
+    known = {f.name for f in fields(TrainConfig)}
+    return TrainConfig.from_dict({k: v for k, v in data.items() if k in known})
+
+
+def _split(args: tuple) -> tuple[TrainConfig, str]:
+    n = len(FIELD_NAMES)
+    task_id, values, from_txt2img, txt2img = args[0], list(args[1:n + 1]), args[n + 1], list(args[n + 2:])
+    return config_from_values(values, bool(from_txt2img), txt2img), task_id
+
+
+def _train_clicked(*args):
+    return _run(args, resume=False)
+
+
+def _resume_clicked(*args):
+    return _run(args, resume=True)
+
+
+def _run(args: tuple, *, resume: bool):
+    from . import runner
+
+    try:
+        cfg, _ = _split(args)
+        cfg = runner.resolve(cfg, resume=resume)
+        job = runner.new_job(cfg)
+    except TIError as exc:
+        return None, "", _error_html(str(exc))
+    runner.run(job, cfg, resume=resume)
+    return [str(path) for _, path in job.previews], job.summary_html(), job.outcome_html()
+
+
+def _create_clicked(*args):
+    from . import runner
+
+    try:
+        cfg, _ = _split(args)
+        path = runner.create_embedding(cfg)
+    except TIError as exc:
+        return None, "", _error_html(str(exc))
+    return None, "", f"<p>Created {path}: type <code>{cfg.name}</code> in a prompt to use it.</p>"
+
+
+def _stop_clicked():
+    from . import runner
+
+    job = runner.current_job()
+    if job is None:
+        return "<p>No training run is active.</p>"
+    job.request_stop()
+    return f"<p>Stopping {job.name} after the current step; it will be saved.</p>"
+
+
+def _error_html(message: str) -> str:
+    import html
+
+    return f"<div class='error'>{html.escape(message)}</div>"

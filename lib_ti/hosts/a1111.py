@@ -1,0 +1,447 @@
+"""The AUTOMATIC1111 webui as a training host: the one module that touches ``modules.*``.
+
+Everything here runs inside the webui process and imports the host lazily, so ``lib_ti`` stays
+importable (and its other modules testable) without a webui. What it provides:
+
+* ``WebuiEngine``: the trainer's ``Engine`` on the checkpoint the host has loaded. Prompts go
+  through the host's own hijacked text encoder with the trained vectors registered as a live
+  embedding, so training sees exactly the conditioning a txt2img generation builds (emphasis,
+  75-token chunks, clip skip); the loss is ours, from ``alphas_cumprod`` and ``apply_model``.
+* ``host_session``: freezes the host's weights and puts back everything a run touched
+  (requires_grad, registered embeddings, checkpointing patches, medvram hooks, caches, job state),
+  also after an error or an interrupt.
+* publishing: each saved file is copied into the host's embeddings folder and registered at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from ..engine import PreviewRequest
+from ..errors import TIError
+from ..splice import spread_init_vectors
+
+ENCODER_KEY = {"sd1": "clip_l", "sd2": "clip_h"}  # SDXL (clip_l + clip_g) slots in with its own conditioning
+OUTPUT_SUBDIR = ("textual_inversion", "ti-trainer")
+SETTINGS_SECTION = ("ti_trainer", "TI Trainer", "training")
+
+
+# ---------------------------------------------------------------------- the engine
+class WebuiEngine:
+    """Implements ``lib_ti.engine.Engine`` on ``shared.sd_model``."""
+
+    def __init__(self, sd_model) -> None:
+        from modules import devices
+
+        self.model = sd_model
+        self.family = model_family(sd_model)
+        if self.family not in ENCODER_KEY:
+            raise TIError(f"the loaded checkpoint is {self.family.upper()}: training inside the webui supports "
+                          "SD1.x and SD2.x checkpoints in this version; load one, or train headless with "
+                          "`python -m lib_ti train`")
+        self.key = ENCODER_KEY[self.family]
+        self.prediction_type = {"eps": "epsilon", "v": "v_prediction"}[sd_model.parameterization]
+        self.device = devices.device
+        with torch.no_grad():
+            width = sd_model.cond_stage_model.encode_embedding_init_text(",", 1).shape[1]
+        self.encoder_widths = {self.key: int(width)}
+        self.alphas_cumprod = sd_model.alphas_cumprod.detach().float().to(self.device)
+        info = getattr(sd_model, "sd_checkpoint_info", None)
+        self.checkpoint_name = getattr(info, "name_for_extra", "") or ""
+        self.checkpoint_hash = getattr(info, "shorthash", "") or ""
+        self.live = None  # the host Embedding whose .vec is the trained tensor during a run
+
+    # ------------------------------------------------------------------ Engine surface
+    def init_vectors(self, init_text: str, num_vectors: int) -> dict[str, torch.Tensor]:
+        """The host's own rule (textual_inversion.create_embedding): the first n init tokens, spread."""
+        width = self.encoder_widths[self.key]
+        tokens = torch.zeros(0, width)
+        if init_text:
+            with torch.no_grad():
+                tokens = self.model.cond_stage_model.encode_embedding_init_text(init_text, num_vectors)
+        return {self.key: spread_init_vectors(tokens.detach().float().cpu(), num_vectors, width)}
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from modules import devices
+
+        mean, std = self._encode(pixels, devices.dtype_vae)
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+            mean, std = self._encode_fp32(pixels)  # a half-precision VAE can overflow; latents must never be NaN
+        return mean, std
+
+    def _encode(self, pixels: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        dist = self.model.encode_first_stage(pixels.to(self.device, dtype))
+        scale = float(self.model.scale_factor)
+        return dist.mean.float() * scale, dist.std.float() * scale
+
+    def _encode_fp32(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        vae = self.model.first_stage_model
+        dtype = next(vae.parameters()).dtype
+        vae.to(torch.float32)
+        try:
+            with torch.autocast(self.device.type, enabled=False):
+                mean, std = self._encode(pixels, torch.float32)
+        finally:
+            vae.to(dtype)
+        if not torch.isfinite(mean).all():
+            raise TIError("the VAE gives non-finite latents for this dataset even in float32: check the images "
+                          "and the checkpoint's VAE")
+        return mean, std
+
+    def encode_prompts(self, prompts: list[str], token: str, vectors: dict[str, torch.Tensor], size) -> torch.Tensor:
+        self.live_embedding(token).vec = vectors[self.key]
+        return self.model.cond_stage_model(prompts)
+
+    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.model.apply_model(noisy_latents, timesteps, cond)
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        saved = [(p, p.requires_grad) for p in self.model.parameters()]
+        for p, _ in saved:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p, flag in saved:
+                p.requires_grad_(flag)
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        from modules import sd_hijack_checkpoint
+
+        if enabled:
+            sd_hijack_checkpoint.add()
+        else:
+            sd_hijack_checkpoint.remove()
+
+    @torch.no_grad()
+    def render_preview(self, request: PreviewRequest, token: str, vectors: dict[str, torch.Tensor]):
+        """A txt2img render through the host's own processing (sampler, CFG, seed), with the current vectors."""
+        from modules import processing, shared
+
+        self.live_embedding(token).vec = vectors[self.key].detach()
+        reset_conditioning_cache()
+        p = processing.StableDiffusionProcessingTxt2Img(
+            sd_model=self.model, prompt=request.prompt, negative_prompt=request.negative_prompt,
+            steps=request.steps, sampler_name=request.sampler_name or "Euler", cfg_scale=request.cfg_scale,
+            seed=request.seed, width=request.width, height=request.height, do_not_save_grid=True,
+            do_not_save_samples=True, do_not_reload_embeddings=True)
+        with _job_state_kept(shared.state), contextlib.closing(p):
+            processed = processing.process_images(p)
+        reset_conditioning_cache()
+        if not processed.images:
+            raise TIError("the preview render returned no image (interrupted?)")
+        return processed.images[0]
+
+    # ------------------------------------------------------------------ the live embedding
+    def live_embedding(self, token: str):
+        """Register (once per run) a host Embedding named ``token``; its ``vec`` is the trained tensor."""
+        if self.live is None or self.live.name != token:
+            from modules import sd_hijack
+            from modules.textual_inversion.textual_inversion import Embedding as HostEmbedding
+
+            width = self.encoder_widths[self.key]
+            self.live = HostEmbedding(torch.zeros(1, width, device=self.device), token)
+            self.live.shape, self.live.vectors = width, 1
+            sd_hijack.model_hijack.embedding_db.register_embedding(self.live, self.model)
+        return self.live
+
+
+def model_family(sd_model) -> str:
+    if getattr(sd_model, "is_sdxl", False):
+        return "sdxl"
+    if getattr(sd_model, "is_sd2", False):
+        return "sd2"
+    if getattr(sd_model, "is_sd1", False):
+        return "sd1"
+    if getattr(sd_model, "is_sd3", False):
+        return "sd3"
+    return "unknown"
+
+
+def current_engine() -> WebuiEngine:
+    """The engine on the loaded checkpoint; refuses, before any work, where training cannot work."""
+    from modules import shared
+
+    if shared.cmd_opts.lowvram:
+        raise TIError("--lowvram moves each UNet block to the GPU only for its own forward pass, so a backward "
+                      "pass cannot run: restart the webui with --medvram (or without either) to train")
+    model = shared.sd_model
+    if model is None or not hasattr(model, "cond_stage_model"):
+        raise TIError("no checkpoint is loaded: pick one in the checkpoint list at the top of the page")
+    return WebuiEngine(model)
+
+
+# ---------------------------------------------------------------------- putting the host back
+@contextlib.contextmanager
+def host_session(engine: WebuiEngine, token: str) -> Iterator[None]:
+    """Everything a run changes in the host is put back afterwards, also after an error or an interrupt."""
+    from modules import sd_hijack
+
+    db = sd_hijack.model_hijack.embedding_db
+    previous = db.word_embeddings.get(token)
+    hooks = _medvram_pinned(engine.model)
+    try:
+        yield
+    finally:
+        engine.set_gradient_checkpointing(False)
+        hooks.close()
+        if engine.live is not None:
+            db.register_embedding_by_name(previous, engine.model, token)  # None unregisters our live one
+            engine.live = None
+        sd_hijack.model_hijack.clear_comments()
+        reset_conditioning_cache()
+
+
+class _medvram_pinned:
+    """With --medvram the host moves the text encoder, UNet and VAE to the GPU one at a time, in forward
+    hooks. Training needs the text encoder and the UNet together (backward runs through both), so
+    while a run lasts those hooks are lifted, the VAE goes to the CPU and the other two stay on the GPU."""
+
+    def __init__(self, sd_model) -> None:
+        from modules import devices, lowvram
+
+        self.model = sd_model
+        self.removed: list[tuple[dict, int, object]] = []
+        if not getattr(sd_model, "lowvram", False):
+            return
+        lowvram.send_everything_to_cpu()
+        for module in (sd_model.cond_stage_model, sd_model.model):
+            for sub in module.modules():
+                for key, hook in list(sub._forward_pre_hooks.items()):
+                    if getattr(hook, "__name__", "") == "send_me_to_gpu":
+                        self.removed.append((sub._forward_pre_hooks, key, hook))
+                        del sub._forward_pre_hooks[key]
+            module.to(devices.device)
+
+    def close(self) -> None:
+        if not self.removed:
+            return
+        from modules import lowvram
+
+        for hooks, key, hook in self.removed:
+            hooks[key] = hook
+        self.removed.clear()
+        # Back to the host's invariant: nothing tracked is on the GPU until its next forward pass.
+        lowvram.module_in_gpu = None
+        for module in (self.model.cond_stage_model, self.model.model):
+            module.to(lowvram.cpu)
+
+
+def reset_conditioning_cache() -> None:
+    """The host caches prompt conditioning by prompt text, not by embedding contents (webui #11993):
+    after the vectors change, a cached conditioning would render the old embedding."""
+    from modules import processing
+
+    processing.StableDiffusionProcessing.cached_c = [None, None]
+    processing.StableDiffusionProcessing.cached_uc = [None, None]
+    processing.StableDiffusionProcessingTxt2Img.cached_hr_c = [None, None]
+    processing.StableDiffusionProcessingTxt2Img.cached_hr_uc = [None, None]
+
+
+@contextlib.contextmanager
+def _job_state_kept(state) -> Iterator[None]:
+    """A preview render runs the host's txt2img, which rewrites the job fields of ``shared.state``."""
+    saved = {k: getattr(state, k) for k in ("job", "job_no", "job_count", "textinfo", "sampling_step",
+                                            "sampling_steps", "processing_has_refined_job_count")}
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(state, k, v)
+
+
+# ---------------------------------------------------------------------- folders and publishing
+def embeddings_dir() -> Path:
+    from modules import shared
+
+    return Path(shared.cmd_opts.embeddings_dir)
+
+
+def output_root() -> Path:
+    """--ti-trainer-output-dir, else the setting, else <data dir>/textual_inversion/ti-trainer."""
+    from modules import paths_internal, shared
+
+    flag = getattr(shared.cmd_opts, "ti_trainer_output_dir", None)
+    return Path(flag or setting("output_dir") or Path(paths_internal.data_path).joinpath(*OUTPUT_SUBDIR))
+
+
+def checkpoint_subdir() -> str:
+    return setting("checkpoint_subdir") or "ti-trainer"
+
+
+def publish(path: Path, target: Path) -> Path:
+    """Copy a saved embedding into the embeddings folder (atomically) and register it with the host now."""
+    from ..fileio import atomic_path
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp:
+        shutil.copyfile(path, tmp)
+    register_file(target)
+    return target
+
+
+def register_file(path: Path) -> None:
+    """Make a file usable in prompts at once: no restart, no refresh button; its hash goes to "TI hashes"."""
+    from modules import sd_hijack, shared
+    from modules.textual_inversion.textual_inversion import create_embedding_from_data
+
+    data = _read_for_host(path)
+    emb = create_embedding_from_data(data, path.stem, filename=path.name, filepath=str(path))
+    db = sd_hijack.model_hijack.embedding_db
+    if db.expected_shape not in (-1, emb.shape):
+        raise TIError(f"{path.name} has width {emb.shape}, the loaded checkpoint expects {db.expected_shape}")
+    db.register_embedding(emb, shared.sd_model)
+    reset_conditioning_cache()
+
+
+def unregister(name: str) -> None:
+    from modules import sd_hijack, shared
+
+    db = sd_hijack.model_hijack.embedding_db
+    if name in db.word_embeddings:
+        db.register_embedding_by_name(None, shared.sd_model, name)
+
+
+def _read_for_host(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        import safetensors.torch
+
+        return safetensors.torch.load_file(str(path), device="cpu")
+    from ..fileio import load_torch
+
+    return load_torch(path)
+
+
+def loaded_embedding_names() -> list[str]:
+    from modules import sd_hijack
+
+    return sorted(sd_hijack.model_hijack.embedding_db.word_embeddings)
+
+
+def loaded_embedding_file(name: str) -> str | None:
+    from modules import sd_hijack
+
+    emb = sd_hijack.model_hijack.embedding_db.word_embeddings.get(name)
+    return getattr(emb, "filename", None) if emb is not None else None
+
+
+def remove_file(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
+# ---------------------------------------------------------------------- the host's job and progress
+def progress_begin(total_steps: int, start_step: int) -> None:
+    from modules import shared
+
+    shared.state.job_count, shared.state.job_no = total_steps, start_step
+    shared.state.textinfo = "Training..."
+
+
+def progress_step(step: int, textinfo: str) -> None:
+    from modules import shared
+
+    shared.state.job_no, shared.state.textinfo = step, textinfo
+
+
+def progress_image(image) -> None:
+    from modules import shared
+
+    shared.state.assign_current_image(image)
+
+
+def host_interrupted() -> bool:
+    """The host's Interrupt button (and /sdapi/v1/interrupt) stop a run like our Stop button."""
+    from modules import shared
+
+    return bool(shared.state.interrupted)
+
+
+@contextlib.contextmanager
+def gpu_job(task_id: str) -> Iterator[None]:
+    """What the host's wrap_gradio_gpu_call does for the tab, for runs started from the API: hold the GPU
+    queue lock (no collision with a generation) and register the task so progress polling works."""
+    from modules import call_queue, progress, shared
+
+    progress.add_task_to_queue(task_id)
+    with call_queue.queue_lock:
+        shared.state.begin(job=task_id)
+        progress.start_task(task_id)
+        try:
+            yield
+        finally:
+            progress.finish_task(task_id)
+            shared.state.end()
+            shared.state.interrupted = False
+
+
+def wrap_gpu_call(fn, extra_outputs: list):
+    from modules.call_queue import wrap_gradio_gpu_call
+
+    return wrap_gradio_gpu_call(fn, extra_outputs=extra_outputs)
+
+
+def txt2img_sampler_names() -> list[str]:
+    from modules import sd_samplers
+
+    return [s.name for s in sd_samplers.visible_samplers()]
+
+
+# ---------------------------------------------------------------------- settings
+DEFAULT_SETTINGS = {
+    # key (prefixed in the host) -> (default, label)
+    "output_dir": ("", "Folder for training runs (checkpoints, previews, loss logs); empty = "
+                       "textual_inversion/ti-trainer in the data folder. --ti-trainer-output-dir wins"),
+    "checkpoint_subdir": ("ti-trainer", "Sub-folder of the embeddings folder for checkpoint copies (name-STEP)"),
+    "precision": ("auto", "Default precision (auto = bf16 where supported, else fp16, on GPU)"),
+    "save_every": (500, "Default: save a checkpoint every N steps (0 = only the final save)"),
+    "keep_last": (3, "Default: checkpoints kept per run (0 = all)"),
+    "preview_every": (500, "Default: render a preview every N steps (0 = none)"),
+}
+
+
+def register_settings() -> None:
+    """Our own section of the webui's Settings, under the "training" category; keys prefixed ti_trainer_."""
+    import gradio as gr
+    from modules import shared
+
+    options = {}
+    for key, (default, label) in DEFAULT_SETTINGS.items():
+        if key == "precision":
+            options[key] = shared.OptionInfo(default, label, gr.Radio, {"choices": ["auto", "fp32", "fp16", "bf16"]})
+        else:
+            options[key] = shared.OptionInfo(default, label)
+    for key, info in shared.options_section(SETTINGS_SECTION, options).items():
+        shared.opts.add_option(f"ti_trainer_{key}", info)
+
+
+def setting(key: str):
+    from modules import shared
+
+    return shared.opts.data.get(f"ti_trainer_{key}", DEFAULT_SETTINGS[key][0])
+
+
+def api_credentials() -> dict[str, str]:
+    """--api-auth "user:pass,user2:pass2", parsed as the host's Api class does."""
+    from modules import shared
+
+    creds = {}
+    for pair in (shared.cmd_opts.api_auth or "").split(","):
+        if ":" in pair:
+            user, password = pair.strip().split(":", 1)
+            creds[user] = password
+    return creds
+
+
+def api_enabled() -> bool:
+    from modules import shared
+
+    return bool(shared.cmd_opts.api or shared.cmd_opts.nowebui)

@@ -1,0 +1,183 @@
+"""Running a training job inside the webui: checks, the run itself, and publishing what it saves.
+
+Used by the tab and by the API. The caller holds the host's GPU queue lock; the host-specific
+calls are all in ``a1111``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from .. import events
+from ..checkpoints import list_states
+from ..config import TrainConfig
+from ..data import prepare_data
+from ..errors import TIError
+from ..trainer import train
+from . import a1111
+from .jobs import Job
+
+_lock = threading.Lock()
+JOBS: dict[str, Job] = {}  # run_id -> job, oldest first
+MAX_JOBS_KEPT = 20
+
+
+# ---------------------------------------------------------------------- checks before any work
+def resolve(cfg: TrainConfig, *, resume: bool) -> TrainConfig:
+    """Validate a request against the host's folders; returns the config with its run folder filled in.
+
+    Nothing may be written outside the embeddings and output folders, so ``output_dir`` is a
+    relative folder under the output root, and ``init_from`` names a loaded embedding or a file in
+    one of those two folders.
+    """
+    if cfg.model:
+        raise TIError(f"config model={cfg.model!r} is invalid here: the webui trains on the checkpoint it has "
+                      "loaded; leave model empty and pick the checkpoint at the top of the page")
+    root = a1111.output_root()
+    cfg = cfg.replace(output_dir=str(root / _relative("output_dir", cfg.output_dir or cfg.name)),
+                      init_from=_init_file(cfg.init_from))
+    if not cfg.data_dir or not Path(cfg.data_dir).is_dir():
+        raise TIError(f"config data_dir={cfg.data_dir!r} is invalid: give an existing folder of training images")
+    if resume:
+        if not list_states(cfg.run_dir, cfg.name):
+            raise TIError(f"nothing to resume: {str(cfg.run_dir)!r} holds no checkpoint of {cfg.name!r}; "
+                          "press Train to start a new run")
+    elif not cfg.overwrite:
+        _refuse_existing(cfg)
+    return cfg
+
+
+def _relative(field: str, value: str) -> Path:
+    path = Path(value)
+    if path.is_absolute() or ".." in path.parts or not path.parts:
+        raise TIError(f"config {field}={value!r} is invalid: give a folder name relative to the extension's "
+                      f"output folder ({a1111.output_root()}); absolute paths and '..' are not allowed")
+    return path
+
+
+def _init_file(init_from: str) -> str:
+    if not init_from:
+        return ""
+    loaded = a1111.loaded_embedding_file(init_from)
+    if loaded:
+        return loaded
+    path = Path(init_from).resolve()
+    allowed = [a1111.embeddings_dir().resolve(), a1111.output_root().resolve()]
+    if not any(path.is_relative_to(root) for root in allowed) or not path.is_file():
+        raise TIError(f"config init_from={init_from!r} is invalid: give the name of a loaded embedding, or a file "
+                      "inside the embeddings folder or the extension's output folder")
+    return str(path)
+
+
+def _refuse_existing(cfg: TrainConfig) -> None:
+    target = final_target(cfg)
+    existing = target if target.exists() else a1111.loaded_embedding_file(cfg.name)
+    if existing and cfg.init_from and Path(cfg.init_from).resolve() == Path(existing).resolve():
+        existing = None  # continuing an embedding in place, as the webui's own trainer does
+    if existing or list_states(cfg.run_dir, cfg.name):
+        where = existing or cfg.run_dir
+        raise TIError(f"an embedding named {cfg.name!r} already exists ({where}): choose another name, "
+                      "resume its run, or tick Overwrite")
+
+
+def final_target(cfg: TrainConfig) -> Path:
+    return a1111.embeddings_dir() / f"{cfg.name}.{cfg.save_format}"
+
+
+def checkpoint_folder(cfg: TrainConfig) -> Path:
+    return a1111.embeddings_dir() / a1111.checkpoint_subdir() / cfg.name
+
+
+def create_embedding(cfg: TrainConfig) -> Path:
+    """A new embedding at step 0 from the init text, in the embeddings folder and usable at once
+    (the host's own Create fails on SDXL; this works on every family the engine supports)."""
+    from ..embedding import Embedding
+    from ..embedding_io import save_embedding
+
+    target = final_target(cfg)
+    existing = target if target.exists() else a1111.loaded_embedding_file(cfg.name)
+    if existing and not cfg.overwrite:
+        raise TIError(f"an embedding named {cfg.name!r} already exists ({existing}): choose another name or "
+                      "tick Overwrite")
+    engine = a1111.current_engine()
+    vectors = engine.init_vectors(cfg.init_text, cfg.num_vectors)
+    emb = Embedding(cfg.name, vectors, 0, engine.checkpoint_hash or None, engine.checkpoint_name or None,
+                    {"trainer": "sd-webui-ti-trainer"})
+    save_embedding(emb, target, overwrite=cfg.overwrite)
+    a1111.register_file(target)
+    return target
+
+
+# ---------------------------------------------------------------------- jobs
+def new_job(cfg: TrainConfig) -> Job:
+    with _lock:
+        running = next((j for j in JOBS.values() if j.active), None)
+        if running is not None:
+            raise TIError(f"a training run is already active ({running.name}, {running.run_id}): stop it first")
+        job = Job(run_id=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}", name=cfg.name)
+        JOBS[job.run_id] = job
+        for old in list(JOBS)[:-MAX_JOBS_KEPT]:
+            JOBS.pop(old)
+        return job
+
+
+def current_job() -> Job | None:
+    with _lock:
+        return next((j for j in reversed(JOBS.values()) if j.active), None)
+
+
+def run(job: Job, cfg: TrainConfig, *, resume: bool) -> Job:
+    """Train on the loaded checkpoint; the job records the outcome (a failure too, with its real error)."""
+    try:
+        engine = a1111.current_engine()
+        data = prepare_data(cfg)  # every data problem is reported before the model is touched
+        publisher = _Publisher(job, cfg)
+        with a1111.host_session(engine, cfg.name):
+            result = train(engine, cfg, data=data, resume=resume, on_event=publisher.handle,
+                           should_stop=lambda: job.should_stop() or a1111.host_interrupted())
+        publisher.publish_final()  # after the session: the live embedding is unregistered by then
+        job.finish(stopped=result.stopped_early)
+    except Exception as exc:  # the tab and the API show it; "finished" with nothing done is never reported
+        job.fail(exc)
+    except BaseException as exc:
+        job.fail(exc)
+        raise
+    return job
+
+
+class _Publisher:
+    """Mirrors each saved checkpoint into the host's embeddings folder and keeps the host's progress current."""
+
+    def __init__(self, job: Job, cfg: TrainConfig) -> None:
+        self.job, self.cfg = job, cfg
+        self.final: Path | None = None
+
+    def handle(self, event: object) -> None:
+        self.job.handle(event)
+        if isinstance(event, events.Started):
+            a1111.progress_begin(event.total_steps, event.start_step)
+        elif isinstance(event, events.Step):
+            a1111.progress_step(event.step, self.job.summary_html())
+        elif isinstance(event, events.Preview):
+            a1111.progress_image(event.image)
+        elif isinstance(event, events.Saved):
+            if event.is_final:
+                self.final = Path(event.path)
+            else:
+                self._publish_checkpoint(Path(event.path))
+
+    def _publish_checkpoint(self, path: Path) -> None:
+        folder = checkpoint_folder(self.cfg)
+        self.job.published.append(a1111.publish(path, folder / path.name))
+        kept = {p.name for p in (self.cfg.run_dir / "checkpoints").glob(f"{self.cfg.name}-*.{self.cfg.save_format}")}
+        for copy in folder.glob(f"{self.cfg.name}-*.{self.cfg.save_format}"):
+            if copy.name not in kept:  # pruned by keep_last in the run folder: prune the copy too
+                a1111.unregister(copy.stem)
+                a1111.remove_file(copy)
+
+    def publish_final(self) -> None:
+        if self.final is not None:
+            self.job.published.append(a1111.publish(self.final, final_target(self.cfg)))
+            self.job.final_path = final_target(self.cfg)

@@ -1,0 +1,105 @@
+"""HTTP API of the extension, under /ti-trainer/v1, listed in the host's OpenAPI page (/docs).
+
+Mounted only when the host's own API is on (--api or --nowebui), and behind --api-auth when that
+is set, like /sdapi/v1. A run started here holds the host's GPU queue lock, as one from the tab does.
+"""
+
+# No "from __future__ import annotations": FastAPI reads the route functions' annotations at runtime,
+# and those name classes imported inside mount().
+import base64
+import secrets
+import threading
+from pathlib import Path
+from typing import Any
+
+from ..checkpoints import list_states
+from ..config import TrainConfig
+from ..errors import TIError
+from . import a1111, runner
+
+PREFIX = "/ti-trainer/v1"
+
+
+def mount(app) -> None:
+    from fastapi import APIRouter, Body, Depends, HTTPException, Query
+    from fastapi.security import HTTPBasic, HTTPBasicCredentials
+
+    credentials = a1111.api_credentials()
+    dependencies = []
+    if credentials:
+        basic = HTTPBasic()
+
+        def auth(creds: HTTPBasicCredentials = Depends(basic)) -> None:
+            expected = credentials.get(creds.username)
+            if expected is None or not secrets.compare_digest(creds.password, expected):
+                raise HTTPException(401, "Incorrect username or password", headers={"WWW-Authenticate": "Basic"})
+
+        dependencies = [Depends(auth)]
+    router = APIRouter(prefix=PREFIX, tags=["TI Trainer"], dependencies=dependencies)
+
+    @router.post("/train", status_code=202, summary="Start a training run on the loaded checkpoint")
+    def train(config: dict[str, Any] = Body(..., description="TrainConfig keys (see the README); model stays empty"),
+              resume: bool = Query(False, description="continue the run from its last checkpoint")):
+        try:
+            job, cfg = _prepare(config, resume)
+        except TIError as exc:
+            raise HTTPException(422, str(exc)) from None
+        threading.Thread(target=_work, args=(job, cfg, resume), name=f"ti-trainer {job.run_id}", daemon=True).start()
+        return job.status()
+
+    @router.get("/status", summary="Status of a run (default: the latest)")
+    def status(run_id: str = Query("", description="a run_id from /train or /runs; empty = the latest run"),
+               preview: bool = Query(False, description="include the last preview as a base64 PNG")):
+        job = _find(run_id)
+        if job is None:
+            raise HTTPException(404, f"no run {run_id!r}" if run_id else "no run has been started")
+        out = job.status()
+        if preview and job.previews:
+            out["last_preview_png"] = base64.b64encode(job.previews[-1][1].read_bytes()).decode("ascii")
+        return out
+
+    @router.post("/stop", summary="Stop the active run after its current step (it is saved)")
+    def stop():
+        job = runner.current_job()
+        if job is None:
+            raise HTTPException(409, "no training run is active")
+        job.request_stop()
+        return job.status()
+
+    @router.get("/runs", summary="Runs of this session, and run folders on disk that can be resumed")
+    def runs():
+        return {"session": [j.status() for j in list(runner.JOBS.values())], "on_disk": _runs_on_disk()}
+
+    app.include_router(router)
+
+
+def _prepare(config: dict[str, Any], resume: bool):
+    cfg = runner.resolve(TrainConfig.from_dict(config), resume=resume)
+    return runner.new_job(cfg), cfg
+
+
+def _work(job, cfg: TrainConfig, resume: bool) -> None:
+    with a1111.gpu_job(f"task(ti-trainer-{job.run_id})"):
+        runner.run(job, cfg, resume=resume)
+
+
+def _find(run_id: str):
+    jobs = list(runner.JOBS.values())
+    if not run_id:
+        return jobs[-1] if jobs else None
+    return runner.JOBS.get(run_id)
+
+
+def _runs_on_disk() -> list[dict[str, Any]]:
+    root = a1111.output_root()
+    out = []
+    for config_file in sorted(root.glob("*/config.yaml")):
+        try:
+            cfg = TrainConfig.load(config_file)
+        except TIError:
+            continue  # a folder someone edited by hand: not ours to list
+        steps = [step for step, _ in list_states(config_file.parent, cfg.name)]
+        out.append({"name": cfg.name, "run_dir": str(config_file.parent), "checkpoint_steps": steps,
+                    "steps": cfg.steps, "output_dir": str(Path(config_file.parent).relative_to(root))})
+    return out
+

@@ -1,0 +1,132 @@
+"""Unit tests of the webui glue that needs no host: job status, the tab's value mapping, request checks.
+
+The host's folders are monkeypatched here; that the integration works is the real-host tier's job
+(tests/test_webui_real.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lib_ti import events
+from lib_ti.config import TrainConfig
+from lib_ti.errors import TIError
+from lib_ti.hosts import a1111, runner, webui_tab
+from lib_ti.hosts.jobs import Job, loss_chart_svg
+
+
+def test_job_follows_the_trainers_events():
+    job = Job("tok-1", "tok")
+    job.handle(events.Started(0, 10, 4, 4, ["the schedule ends at step 10"]))
+    assert job.state == "running" and job.total_steps == 10
+    job.handle(events.Step(1, 10, None, 0.01, 2.0, 0.5, 4.5))
+    job.handle(events.Step(2, 10, 0.25, 0.01, 2.0, 1.0, 4.0))
+    job.handle(events.Saved(2, Path("ckpt/tok-2.safetensors")))
+    job.handle(events.Preview(2, Path("previews/tok-2.png"), image=None))
+    status = job.status()
+    assert status["step"] == 2 and status["loss"] == 0.25 and status["last_preview"].endswith("tok-2.png")
+    assert status["saved"] == [str(Path("ckpt/tok-2.safetensors"))]
+    html = job.summary_html()
+    assert "2 / 10" in html and "0.2500" in html and "tok-2.safetensors" in html and "the schedule ends" in html
+
+
+def test_stop_request_is_seen_by_the_loop_and_the_state():
+    job = Job("tok-1", "tok", state="running")
+    assert not job.should_stop()
+    job.request_stop()
+    assert job.should_stop() and job.state == "stopping" and job.active
+    job.finish(stopped=True)
+    assert job.state == "stopped" and not job.active
+
+
+def test_a_failure_reports_the_real_error_never_finished():
+    job = Job("tok-1", "tok", state="running")
+    try:
+        raise RuntimeError("CUDA out of memory")
+    except RuntimeError as exc:
+        job.fail(exc)
+    assert job.state == "failed" and job.status()["error"] == "RuntimeError: CUDA out of memory"
+    assert "CUDA out of memory" in job.outcome_html() and "finished" not in job.outcome_html()
+    job.fail(TIError("config steps=0 is invalid"))
+    assert job.error == "[TI Trainer] config steps=0 is invalid"
+
+
+def test_loss_chart_scales_to_the_data_and_skips_non_finite_points():
+    assert loss_chart_svg([(1, 0.5)]) == ""
+    svg = loss_chart_svg([(1, 0.5), (2, float("nan")), (3, 0.1), (4, 0.3)])
+    assert svg.startswith("<svg") and svg.count(",") == 3  # three finite points on the polyline
+    assert ">0.5<" in svg and ">0.1<" in svg and "step 1" in svg
+
+
+def test_tab_values_become_a_validated_config():
+    defaults = TrainConfig().to_dict()
+    values = [defaults[name] for name in webui_tab.FIELD_NAMES]
+    values[webui_tab.FIELD_NAMES.index("steps")] = 250.0  # Gradio numbers arrive as floats
+    values[webui_tab.FIELD_NAMES.index("name")] = "cat toy"
+    txt2img = ["a cat toy on a table", "blurry", 12.0, "DPM++ 2M", 6.5, 42.0, 512.0, 640.0]
+    cfg = webui_tab.config_from_values(values, True, txt2img)
+    assert cfg.steps == 250 and cfg.name == "cat toy"
+    assert (cfg.preview_prompt, cfg.preview_sampler, cfg.preview_steps, cfg.preview_height) == \
+        ("a cat toy on a table", "DPM++ 2M", 12, 640)
+    cfg = webui_tab.config_from_values(values, False, txt2img)
+    assert cfg.preview_prompt == "" and cfg.preview_sampler == ""
+    values[webui_tab.FIELD_NAMES.index("width")] = 100.0
+    with pytest.raises(TIError, match="width=100"):
+        webui_tab.config_from_values(values, False, [])
+
+
+def test_every_tab_control_is_a_config_field():
+    names = {f for f in TrainConfig().to_dict()}
+    assert set(webui_tab.FIELD_NAMES) <= names
+    assert set(webui_tab.TXT2IMG_FIELDS) <= names
+    assert len(webui_tab.FIELD_NAMES) == len(set(webui_tab.FIELD_NAMES))
+
+
+@pytest.fixture()
+def host_folders(tmp_path, monkeypatch):
+    (tmp_path / "embeddings").mkdir()
+    (tmp_path / "data").mkdir()
+    monkeypatch.setattr(a1111, "output_root", lambda: tmp_path / "runs")
+    monkeypatch.setattr(a1111, "embeddings_dir", lambda: tmp_path / "embeddings")
+    monkeypatch.setattr(a1111, "loaded_embedding_file", lambda name: None)
+    return tmp_path
+
+
+def test_requests_cannot_write_outside_the_output_folders(host_folders):
+    base = TrainConfig(name="tok", data_dir=str(host_folders / "data"))
+    cfg = runner.resolve(base, resume=False)
+    assert Path(cfg.output_dir) == host_folders / "runs" / "tok"
+    assert Path(runner.resolve(base.replace(output_dir="exp/1"), resume=False).output_dir) == \
+        host_folders / "runs" / "exp" / "1"
+    for bad in ("../up", "/abs/path", "a/../../b"):
+        with pytest.raises(TIError, match="output_dir"):
+            runner.resolve(base.replace(output_dir=bad), resume=False)
+    with pytest.raises(TIError, match="init_from"):
+        runner.resolve(base.replace(init_from="/etc/hostname"), resume=False)
+    with pytest.raises(TIError, match="model"):
+        runner.resolve(base.replace(model="x.safetensors"), resume=False)
+
+
+def test_existing_embeddings_are_protected_and_resume_needs_a_checkpoint(host_folders):
+    base = TrainConfig(name="tok", data_dir=str(host_folders / "data"))
+    (host_folders / "embeddings" / "tok.safetensors").write_bytes(b"x")
+    with pytest.raises(TIError, match="already exists"):
+        runner.resolve(base, resume=False)
+    assert runner.resolve(base.replace(overwrite=True), resume=False).overwrite
+    continuing = base.replace(init_from=str(host_folders / "embeddings" / "tok.safetensors"))
+    assert runner.resolve(continuing, resume=False)  # training an embedding in place is allowed
+    with pytest.raises(TIError, match="nothing to resume"):
+        runner.resolve(base, resume=True)
+
+
+def test_only_one_run_at_a_time(host_folders, monkeypatch):
+    monkeypatch.setattr(runner, "JOBS", {})
+    first = runner.new_job(TrainConfig(name="one"))
+    first.state = "running"
+    with pytest.raises(TIError, match="already active"):
+        runner.new_job(TrainConfig(name="two"))
+    assert runner.current_job() is first
+    first.finish(stopped=False)
+    assert runner.new_job(TrainConfig(name="two")).name == "two"

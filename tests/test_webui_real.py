@@ -1,0 +1,208 @@
+"""Opt-in real-host tier: the extension inside a real AUTOMATIC1111 webui (v1.10.1), driven over HTTP.
+
+Enable it with ``TI_TRAINER_WEBUI_DIR=<webui folder>`` (and ``TI_TRAINER_WEBUI_PYTHON=<its python>``,
+default ``<webui>/venv/bin/python``). The test builds a tiny SD1 checkpoint with its same-named yaml,
+links this repository into a fresh data folder's ``extensions/``, starts the webui on 127.0.0.1 on CPU,
+trains through the extension's API and generates with the embedding through ``/sdapi/v1/txt2img``.
+It never installs or builds the webui. CI does not set the variable, so the tier is skipped there.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from lib_ti.bench import draw_images
+
+WEBUI = os.environ.get("TI_TRAINER_WEBUI_DIR", "")
+ROOT = Path(__file__).resolve().parents[1]
+USER, PASSWORD = "tester", "s3cret"
+
+pytestmark = [
+    pytest.mark.webui,
+    pytest.mark.skipif(not WEBUI, reason="real-host tier: set TI_TRAINER_WEBUI_DIR=<a webui v1.10.1 folder> "
+                                         "(and TI_TRAINER_WEBUI_PYTHON=<its python>) to run it"),
+]
+
+
+class Webui:
+    def __init__(self, base: str, log: Path, proc: subprocess.Popen, data_dir: Path) -> None:
+        self.base, self.log, self.proc, self.data_dir = base, log, proc, data_dir
+        token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+        self.auth = {"Authorization": f"Basic {token}"}
+
+    def call(self, method: str, path: str, body=None, *, auth: bool = True, timeout: float = 600):
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json", **(self.auth if auth else {})}
+        request = urllib.request.Request(self.base + path, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read() or b"null")
+
+    def wait_for_run(self, run_id: str, until=lambda s: s["state"] not in ("queued", "running", "stopping"),
+                     timeout: float = 600) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            code, status = self.call("GET", f"/ti-trainer/v1/status?run_id={run_id}")
+            assert code == 200, status
+            if until(status):
+                return status
+            time.sleep(0.5)
+        raise AssertionError(f"run {run_id} did not get there in {timeout} s: {status}\n{self.tail()}")
+
+    def txt2img(self, prompt: str) -> dict:
+        code, out = self.call("POST", "/sdapi/v1/txt2img", {"prompt": prompt, "steps": 2, "width": 64, "height": 64,
+                                                             "sampler_name": "Euler", "seed": 1})
+        assert code == 200, out
+        return json.loads(out["info"])
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def webui(tmp_path_factory):
+    from lib_ti.tiny import build_tiny_model
+
+    data_dir = tmp_path_factory.mktemp("webui-data")
+    models = data_dir / "models" / "Stable-diffusion"
+    ckpt = build_tiny_model("sd1", tmp_path_factory.mktemp("tiny-sd1"), single_file=True)
+    models.mkdir(parents=True)
+    for part in ckpt.parent.iterdir():  # the checkpoint, its same-named yaml and the side folders it names
+        (models / part.name).symlink_to(part)
+    (data_dir / "embeddings").mkdir()
+    # Live previews with the default "Approx NN" would try to download a VAE approximation for SDXL.
+    (data_dir / "config.json").write_text(json.dumps({"show_progress_type": "Approx cheap"}))
+    (data_dir / "extensions").mkdir()
+    # A copy of the working tree, as "Install from URL" leaves it (minus .git, whose remote a local clone lacks).
+    shutil.copytree(ROOT, data_dir / "extensions" / "sd-webui-ti-trainer",
+                    ignore=shutil.ignore_patterns(".git", ".venv", "outputs", "__pycache__", ".pytest_cache"))
+    port = _free_port()
+    python = os.environ.get("TI_TRAINER_WEBUI_PYTHON", str(Path(WEBUI) / "venv" / "bin" / "python"))
+    args = [python, "launch.py", "--data-dir", str(data_dir), "--ckpt", str(models / ckpt.name), "--api",
+            "--api-auth", f"{USER}:{PASSWORD}", "--port", str(port), "--use-cpu", "all", "--no-half", "--precision", "full",
+            "--skip-torch-cuda-test", "--skip-prepare-environment", "--skip-install", "--no-download-sd-model",
+            "--skip-version-check", "--ti-trainer-output-dir", str(data_dir / "ti-runs")]
+    log = data_dir / "webui.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args, cwd=WEBUI, stdout=out, stderr=subprocess.STDOUT, env=env)
+    host = Webui(f"http://127.0.0.1:{port}", log, proc, data_dir)
+    try:
+        _wait_until_up(host)
+        yield host
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _wait_until_up(host: Webui, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if host.proc.poll() is not None:
+            raise AssertionError(f"the webui exited ({host.proc.returncode}):\n{host.tail()}")
+        try:
+            code, _ = host.call("GET", "/ti-trainer/v1/runs", timeout=5)
+            if code == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"the webui did not come up in {timeout} s:\n{host.tail()}")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return draw_images(tmp_path_factory.mktemp("ti-data"), 4, 64)
+
+
+def run_config(dataset: Path, name: str, **changes) -> dict:
+    return {"name": name, "init_text": "a photo", "num_vectors": 2, "data_dir": str(dataset), "width": 64,
+            "height": 64, "batch_size": 2, "learning_rate": "0.01", "steps": 6, "save_every": 3, "keep_last": 0,
+            "preview_every": 3, "preview_steps": 2, "log_every": 1, **changes}
+
+
+def test_the_extension_loads_without_errors(webui):
+    log = webui.log.read_text(errors="replace")
+    assert "Traceback" not in log and "lib_ti" not in log and "ti_trainer.py" not in log, log[-4000:]
+
+
+def test_api_requires_the_hosts_api_auth(webui):
+    code, _ = webui.call("GET", "/ti-trainer/v1/runs", auth=False)
+    assert code == 401
+
+
+def test_train_through_the_api_then_use_every_checkpoint_in_txt2img(webui, dataset):
+    code, started = webui.call("POST", "/ti-trainer/v1/train", run_config(dataset, "tinytok"))
+    assert code == 202, started
+    status = webui.wait_for_run(started["run_id"])
+    assert status["state"] == "finished", (status, webui.tail())
+    assert status["step"] == 6 and status["error"] is None
+    embeddings = webui.data_dir / "embeddings"
+    assert (embeddings / "tinytok.safetensors").is_file()
+    assert (embeddings / "ti-trainer" / "tinytok" / "tinytok-3.safetensors").is_file()
+    assert status["last_preview"] and Path(status["last_preview"]).is_file()
+
+    code, listed = webui.call("GET", "/sdapi/v1/embeddings")
+    assert code == 200 and {"tinytok", "tinytok-3"} <= set(listed["loaded"]), listed
+    assert listed["loaded"]["tinytok"]["vectors"] == 2
+
+    for prompt_name in ("tinytok", "tinytok-3"):  # final and checkpoint, usable at once: no refresh, no restart
+        info = webui.txt2img(f"a photo of {prompt_name}")
+        hashes = info.get("extra_generation_params", {}).get("TI hashes", "")
+        assert f"{prompt_name}: " in hashes, info
+
+
+def test_an_interrupted_run_resumes_from_its_last_checkpoint(webui, dataset):
+    cfg = run_config(dataset, "resumetok", steps=300, save_every=2, preview_every=0)
+    code, started = webui.call("POST", "/ti-trainer/v1/train", cfg)
+    assert code == 202, started
+    webui.wait_for_run(started["run_id"], until=lambda s: s["step"] >= 4)
+    code, _ = webui.call("POST", "/ti-trainer/v1/stop")
+    assert code == 200
+    stopped = webui.wait_for_run(started["run_id"])
+    assert stopped["state"] == "stopped" and 4 <= stopped["step"] < 300, stopped
+
+    code, again = webui.call("POST", "/ti-trainer/v1/train", cfg)  # a new run over it is refused...
+    assert code == 422 and "already exists" in again["detail"]
+    code, resumed = webui.call("POST", "/ti-trainer/v1/train?resume=true", cfg)  # ...resuming is not
+    assert code == 202, resumed
+    done = webui.wait_for_run(resumed["run_id"])
+    assert done["state"] == "finished" and done["step"] == 300, (done["error_detail"], webui.tail())
+    code, runs = webui.call("GET", "/ti-trainer/v1/runs")
+    on_disk = {r["name"]: r for r in runs["on_disk"]}
+    assert on_disk["resumetok"]["checkpoint_steps"][-1] == 300
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"output_dir": "../escape"}, "'..' are not allowed"),
+    ({"output_dir": "/tmp/escape"}, "absolute paths"),
+    ({"name": "../evil"}, "config name="),
+    ({"init_from": "/etc/passwd"}, "config init_from="),
+    ({"model": "/some/model.safetensors"}, "config model="),
+])
+def test_bad_requests_are_refused_before_any_work(webui, dataset, changes, message):
+    code, out = webui.call("POST", "/ti-trainer/v1/train", {**run_config(dataset, "badtok"), **changes})
+    assert code == 422 and message in out["detail"], out
+    assert not (webui.data_dir / "escape").exists()
