@@ -92,8 +92,10 @@ def build_controls(txt2img_params: list) -> None:
                                               elem_id=element_id("template"))
             for title, names in SECTIONS:
                 with gr.Accordion(title, open=title == "Training"):
-                    for name in names:
-                        widgets[name] = _widget(name, defaults[name])
+                    for row in range(0, len(names), 3):
+                        with gr.Row():
+                            for name in names[row:row + 3]:
+                                widgets[name] = _widget(name, defaults[name])
             from_txt2img = gr.Checkbox(label="Read preview parameters (prompt, sampler, seed, size, ...) from the "
                                              "txt2img tab", value=False, visible=bool(txt2img_params),
                                        elem_id=element_id("from_txt2img"))
@@ -105,16 +107,17 @@ def build_controls(txt2img_params: list) -> None:
         with gr.Column(scale=2):
             task_id = gr.Text(elem_id=element_id("output"), value="", show_label=False)
             gallery = gr.Gallery(label="Previews", show_label=False, elem_id=element_id("gallery"), columns=4)
-            progress = gr.HTML(elem_id=element_id("progress"), value="")
+            # Written by the page's script while a run lasts, never a Gradio output (Gradio would re-render it).
+            gr.HTML(elem_id=element_id("progress"), value="<div class='ti-trainer-live'></div>")
             outcome = gr.HTML(elem_id=element_id("outcome"), value="")
 
     inputs = [task_id, *[widgets[n] for n in FIELD_NAMES], from_txt2img, *txt2img_params]
-    outputs = [gallery, progress, outcome]
-    train.click(fn=a1111.wrap_gpu_call(_train_clicked, [None, ""]), _js="ti_trainer_start", inputs=inputs,
+    outputs = [gallery, outcome]
+    train.click(fn=a1111.wrap_gpu_call(_train_clicked, [None]), _js="ti_trainer_start", inputs=inputs,
                 outputs=outputs)
-    resume.click(fn=a1111.wrap_gpu_call(_resume_clicked, [None, ""]), _js="ti_trainer_start", inputs=inputs,
+    resume.click(fn=a1111.wrap_gpu_call(_resume_clicked, [None]), _js="ti_trainer_start", inputs=inputs,
                  outputs=outputs)
-    create.click(fn=a1111.wrap_gpu_call(_create_clicked, [None, ""]), inputs=inputs, outputs=outputs)
+    create.click(fn=a1111.wrap_gpu_call(_create_clicked, [None]), inputs=inputs, outputs=outputs)
     stop.click(fn=_stop_clicked, inputs=[], outputs=[outcome], queue=False)
     refresh.click(fn=lambda: gr.update(choices=_names()), inputs=[], outputs=[widgets["init_from"]], queue=False)
 
@@ -180,9 +183,9 @@ def _run(args: tuple, *, resume: bool):
         cfg = runner.resolve(cfg, resume=resume)
         job = runner.new_job(cfg)
     except TIError as exc:
-        return None, "", _error_html(str(exc))
+        return None, _error_html(str(exc))
     runner.run(job, cfg, resume=resume)
-    return [str(path) for _, path in job.previews], job.summary_html(), job.outcome_html()
+    return [str(path) for _, path in job.previews], job.outcome_html() + job.summary_html()
 
 
 def _create_clicked(*args):
@@ -192,8 +195,8 @@ def _create_clicked(*args):
         cfg, _ = _split(args)
         path = runner.create_embedding(cfg)
     except TIError as exc:
-        return None, "", _error_html(str(exc))
-    return None, "", f"<p>Created {path}: type <code>{cfg.name}</code> in a prompt to use it.</p>"
+        return None, _error_html(str(exc))
+    return None, f"<p>Created {path}: type <code>{cfg.name}</code> in a prompt to use it.</p>"
 
 
 def _stop_clicked():
