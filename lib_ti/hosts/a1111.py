@@ -27,7 +27,8 @@ from ..engine import PreviewRequest
 from ..errors import TIError
 from ..splice import spread_init_vectors
 
-ENCODER_KEY = {"sd1": "clip_l", "sd2": "clip_h"}  # SDXL (clip_l + clip_g) slots in with its own conditioning
+# Embedding keys per family, in the order of the host's text embedders.
+ENCODER_KEYS = {"sd1": ("clip_l",), "sd2": ("clip_h",), "sdxl": ("clip_l", "clip_g")}
 OUTPUT_SUBDIR = ("textual_inversion", "ti-trainer")
 SETTINGS_SECTION = ("ti_trainer", "TI Trainer", "training")
 
@@ -41,31 +42,35 @@ class WebuiEngine:
 
         self.model = sd_model
         self.family = model_family(sd_model)
-        if self.family not in ENCODER_KEY:
+        if self.family not in ENCODER_KEYS:
             raise TIError(f"the loaded checkpoint is {self.family.upper()}: training inside the webui supports "
-                          "SD1.x and SD2.x checkpoints in this version; load one, or train headless with "
-                          "`python -m lib_ti train`")
-        self.key = ENCODER_KEY[self.family]
+                          "SD1.x, SD2.x and SDXL checkpoints; load one of those")
+        self.keys = ENCODER_KEYS[self.family]
         self.prediction_type = {"eps": "epsilon", "v": "v_prediction"}[sd_model.parameterization]
         self.device = devices.device
+        self.embedders = dict(zip(self.keys, _text_embedders(sd_model)))
         with torch.no_grad():
-            width = sd_model.cond_stage_model.encode_embedding_init_text(",", 1).shape[1]
-        self.encoder_widths = {self.key: int(width)}
+            self.encoder_widths = {k: int(e.encode_embedding_init_text(",", 1).shape[1])
+                                   for k, e in self.embedders.items()}
         self.alphas_cumprod = sd_model.alphas_cumprod.detach().float().to(self.device)
         info = getattr(sd_model, "sd_checkpoint_info", None)
         self.checkpoint_name = getattr(info, "name_for_extra", "") or ""
         self.checkpoint_hash = getattr(info, "shorthash", "") or ""
         self.live = None  # the host Embedding whose .vec is the trained tensor during a run
+        self.saved_flags: dict = {}  # SDXL: the UNet blocks' own checkpointing flags, put back after a run
 
     # ------------------------------------------------------------------ Engine surface
     def init_vectors(self, init_text: str, num_vectors: int) -> dict[str, torch.Tensor]:
         """The host's own rule (textual_inversion.create_embedding): the first n init tokens, spread."""
-        width = self.encoder_widths[self.key]
-        tokens = torch.zeros(0, width)
-        if init_text:
-            with torch.no_grad():
-                tokens = self.model.cond_stage_model.encode_embedding_init_text(init_text, num_vectors)
-        return {self.key: spread_init_vectors(tokens.detach().float().cpu(), num_vectors, width)}
+        out = {}
+        for key, embedder in self.embedders.items():
+            width = self.encoder_widths[key]
+            tokens = torch.zeros(0, width)
+            if init_text:
+                with torch.no_grad():
+                    tokens = embedder.encode_embedding_init_text(init_text, num_vectors)
+            out[key] = spread_init_vectors(tokens.detach().float().cpu(), num_vectors, width)
+        return out
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,9 +82,18 @@ class WebuiEngine:
         return mean, std
 
     def _encode(self, pixels: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        dist = self.model.encode_first_stage(pixels.to(self.device, dtype))
         scale = float(self.model.scale_factor)
-        return dist.mean.float() * scale, dist.std.float() * scale
+        x = pixels.to(self.device, dtype)
+        if self.family != "sdxl":
+            dist = self.model.encode_first_stage(x)
+            return dist.mean.float() * scale, dist.std.float() * scale
+        # sgm's encode_first_stage returns one scaled sample; the cache keeps the distribution.
+        vae = self.model.first_stage_model
+        if getattr(self.model, "lowvram", False):
+            vae.to(self.device)  # medvram: the host's hook would move it only for vae.encode
+        mean, logvar = vae.quant_conv(vae.encoder(x)).float().chunk(2, dim=1)
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        return mean * scale, std * scale
 
     def _encode_fp32(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         vae = self.model.first_stage_model
@@ -95,9 +109,21 @@ class WebuiEngine:
                           "and the checkpoint's VAE")
         return mean, std
 
-    def encode_prompts(self, prompts: list[str], token: str, vectors: dict[str, torch.Tensor], size) -> torch.Tensor:
-        self.live_embedding(token).vec = vectors[self.key]
-        return self.model.cond_stage_model(prompts)
+    def encode_prompts(self, prompts: list[str], token: str, vectors: dict[str, torch.Tensor], size):
+        self.live_embedding(token).vec = self._host_vec(vectors)
+        if self.family != "sdxl":
+            return self.model.cond_stage_model(prompts)
+        from modules.prompt_parser import SdConditioning
+
+        # The host's own SDXL conditioning (crossattn + pooled vector with the size/crop embeddings), as
+        # for a generation at this size; sgm runs non-trainable embedders under no_grad, hence the flag.
+        batch = SdConditioning(prompts, width=size[1], height=size[0])
+        with _text_embedders_trainable(self.model):
+            return self.model.get_learned_conditioning(batch)
+
+    def _host_vec(self, vectors: dict[str, torch.Tensor]):
+        """The host splices ``vec`` (one tensor) or ``vec[key]`` (SDXL) into each text encoder."""
+        return dict(vectors) if self.family == "sdxl" else vectors[self.keys[0]]
 
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return self.model.apply_model(noisy_latents, timesteps, cond)
@@ -114,6 +140,13 @@ class WebuiEngine:
                 p.requires_grad_(flag)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
+        if self.family == "sdxl":
+            # sgm's UNet config asks every block to checkpoint itself: ~45% slower, only worth it when
+            # memory asks. The flags are put back in host_session.
+            for module, attr in _sgm_checkpoint_flags(self.model):
+                self.saved_flags.setdefault((module, attr), getattr(module, attr))
+                setattr(module, attr, enabled)
+            return
         from modules import sd_hijack_checkpoint
 
         if enabled:
@@ -121,12 +154,17 @@ class WebuiEngine:
         else:
             sd_hijack_checkpoint.remove()
 
+    def restore_checkpoint_flags(self) -> None:
+        for (module, attr), value in self.saved_flags.items():
+            setattr(module, attr, value)
+        self.saved_flags.clear()
+
     @torch.no_grad()
     def render_preview(self, request: PreviewRequest, token: str, vectors: dict[str, torch.Tensor]):
         """A txt2img render through the host's own processing (sampler, CFG, seed), with the current vectors."""
         from modules import processing, shared
 
-        self.live_embedding(token).vec = vectors[self.key].detach()
+        self.live_embedding(token).vec = self._host_vec({k: v.detach() for k, v in vectors.items()})
         reset_conditioning_cache()
         p = processing.StableDiffusionProcessingTxt2Img(
             sd_model=self.model, prompt=request.prompt, negative_prompt=request.negative_prompt,
@@ -147,11 +185,39 @@ class WebuiEngine:
             from modules import sd_hijack
             from modules.textual_inversion.textual_inversion import Embedding as HostEmbedding
 
-            width = self.encoder_widths[self.key]
-            self.live = HostEmbedding(torch.zeros(1, width, device=self.device), token)
-            self.live.shape, self.live.vectors = width, 1
+            zeros = {k: torch.zeros(1, w, device=self.device) for k, w in self.encoder_widths.items()}
+            self.live = HostEmbedding(self._host_vec(zeros), token)
+            self.live.shape, self.live.vectors = sum(self.encoder_widths.values()), 1
             sd_hijack.model_hijack.embedding_db.register_embedding(self.live, self.model)
         return self.live
+
+
+def _text_embedders(sd_model) -> list:
+    if getattr(sd_model, "is_sdxl", False):
+        return [e for e in sd_model.conditioner.embedders if hasattr(e, "encode_embedding_init_text")]
+    return [sd_model.cond_stage_model]
+
+
+@contextlib.contextmanager
+def _text_embedders_trainable(sd_model) -> Iterator[None]:
+    embedders = _text_embedders(sd_model)
+    saved = [e.is_trainable for e in embedders]
+    for e in embedders:
+        e.is_trainable = True
+    try:
+        yield
+    finally:
+        for e, flag in zip(embedders, saved):
+            e.is_trainable = flag
+
+
+def _sgm_checkpoint_flags(sd_model) -> list[tuple[object, str]]:
+    flags = []
+    for module in sd_model.model.diffusion_model.modules():
+        for attr in ("use_checkpoint", "checkpoint"):
+            if isinstance(getattr(module, attr, None), bool):
+                flags.append((module, attr))
+    return flags
 
 
 def model_family(sd_model) -> str:
@@ -191,7 +257,10 @@ def host_session(engine: WebuiEngine, token: str) -> Iterator[None]:
     try:
         yield
     finally:
-        engine.set_gradient_checkpointing(False)
+        if engine.family == "sdxl":
+            engine.restore_checkpoint_flags()
+        else:
+            engine.set_gradient_checkpointing(False)
         hooks.close()
         if engine.live is not None:
             db.register_embedding_by_name(previous, engine.model, token)  # None unregisters our live one
