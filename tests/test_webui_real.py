@@ -153,6 +153,15 @@ def test_api_requires_the_hosts_api_auth(webui):
     assert code == 401
 
 
+def test_adapter_conditioning_is_the_hosts_own_and_trains_the_vectors(webui):
+    # Vectors equal to "a photo"'s token embeddings: our prompt "a <token> on a table" must give exactly
+    # the host's generation conditioning for "a a photo on a table", tokens after the name included.
+    code, out = webui.call("POST", "/ti-trainer/v1/selfcheck?init_text=a%20photo")
+    assert code == 200, out
+    assert out["family"] == "sd1" and out["vectors"] == 2, out
+    assert max(out["max_abs_diff"].values()) < 1e-4 and min(out["grad_norm"].values()) > 0 and out["ok"], out
+
+
 def test_train_through_the_api_then_use_every_checkpoint_in_txt2img(webui, dataset):
     code, started = webui.call("POST", "/ti-trainer/v1/train", run_config(dataset, "tinytok"))
     assert code == 202, started

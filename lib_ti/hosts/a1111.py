@@ -110,7 +110,7 @@ class WebuiEngine:
         return mean, std
 
     def encode_prompts(self, prompts: list[str], token: str, vectors: dict[str, torch.Tensor], size):
-        self.live_embedding(token).vec = self._host_vec(vectors)
+        self.set_live(token, vectors)
         if self.family != "sdxl":
             return self.model.cond_stage_model(prompts)
         from modules.prompt_parser import SdConditioning
@@ -164,7 +164,7 @@ class WebuiEngine:
         """A txt2img render through the host's own processing (sampler, CFG, seed), with the current vectors."""
         from modules import processing, shared
 
-        self.live_embedding(token).vec = self._host_vec({k: v.detach() for k, v in vectors.items()})
+        self.set_live(token, {k: v.detach() for k, v in vectors.items()})
         reset_conditioning_cache()
         p = processing.StableDiffusionProcessingTxt2Img(
             sd_model=self.model, prompt=request.prompt, negative_prompt=request.negative_prompt,
@@ -179,6 +179,13 @@ class WebuiEngine:
         return processed.images[0]
 
     # ------------------------------------------------------------------ the live embedding
+    def set_live(self, token: str, vectors: dict[str, torch.Tensor]) -> None:
+        live = self.live_embedding(token)
+        live.vec = self._host_vec(vectors)
+        # The host reserves ``vectors`` prompt tokens for an embedding and splices as many rows as the
+        # tensor has: a smaller count would overwrite the tokens that follow the name.
+        live.vectors = next(iter(vectors.values())).shape[0]
+
     def live_embedding(self, token: str):
         """Register (once per run) a host Embedding named ``token``; its ``vec`` is the trained tensor."""
         if self.live is None or self.live.name != token:
@@ -514,3 +521,43 @@ def api_enabled() -> bool:
     from modules import shared
 
     return bool(shared.cmd_opts.api or shared.cmd_opts.nowebui)
+
+
+# ---------------------------------------------------------------------- self-check
+def self_check(init_text: str = "a photo", prompt: str = "a {} on a table", size: tuple[int, int] = (512, 512)) -> dict:
+    """Verify the adapter in the running host, on the loaded checkpoint (used by tests and support):
+
+    * with the vectors equal to the init text's token embeddings, our conditioning for a prompt
+      with the token equals the host's own generation conditioning for the prompt with the init text;
+    * a loss on that conditioning sends a gradient to the vectors of every text encoder.
+    """
+    from modules import shared
+
+    engine = current_engine()
+    token = "tiselfcheck"
+    tokens = len(engine.embedders[engine.keys[0]].encode_embedding_init_text(init_text, 75))
+    vectors = {k: v.to(engine.device).requires_grad_(True) for k, v in engine.init_vectors(init_text, tokens).items()}
+    with host_session(engine, token), engine.frozen():
+        ours = engine.encode_prompts([prompt.format(token)], token, vectors, size)
+        with torch.no_grad():
+            host = _host_conditioning(engine, prompt.format(init_text), size)
+        diffs = {name: float((a.detach().float() - b.float()).abs().max()) for name, a, b in _pairs(ours, host)}
+        sum(a.float().pow(2).sum() for _, a, _ in _pairs(ours, host)).backward()
+    grads = {k: float(v.grad.norm()) if v.grad is not None else 0.0 for k, v in vectors.items()}
+    ok = all(d < 1e-4 for d in diffs.values()) and all(g > 0 for g in grads.values())
+    return {"ok": ok, "family": engine.family, "checkpoint": getattr(shared.sd_model.sd_checkpoint_info, "name", ""),
+            "widths": engine.encoder_widths, "vectors": tokens, "max_abs_diff": diffs, "grad_norm": grads}
+
+
+def _host_conditioning(engine: WebuiEngine, prompt: str, size: tuple[int, int]):
+    if engine.family != "sdxl":
+        return engine.model.cond_stage_model([prompt])
+    from modules.prompt_parser import SdConditioning
+
+    return engine.model.get_learned_conditioning(SdConditioning([prompt], width=size[1], height=size[0]))
+
+
+def _pairs(ours, host) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    if isinstance(ours, dict):
+        return [(k, ours[k], host[k]) for k in sorted(ours)]
+    return [("cond", ours, host)]

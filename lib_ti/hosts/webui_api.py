@@ -70,6 +70,15 @@ def mount(app) -> None:
     def runs():
         return {"session": [j.status() for j in list(runner.JOBS.values())], "on_disk": _runs_on_disk()}
 
+    @router.post("/selfcheck", summary="Check the adapter on the loaded checkpoint (conditioning and gradients)")
+    def selfcheck(init_text: str = Query("a photo", description="words whose token vectors stand in for the token"),
+                  prompt: str = Query("a {} on a table", description="a prompt; {} marks the token")):
+        try:
+            with a1111.gpu_job("task(ti-trainer-selfcheck)"):
+                return a1111.self_check(init_text, prompt)
+        except TIError as exc:
+            raise HTTPException(409, str(exc)) from None
+
     app.include_router(router)
 
 
