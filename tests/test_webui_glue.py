@@ -63,11 +63,12 @@ def test_loss_chart_scales_to_the_data_and_skips_non_finite_points():
 def test_tab_values_become_a_validated_config():
     defaults = TrainConfig().to_dict()
     values = [defaults[name] for name in webui_tab.FIELD_NAMES]
+    values[webui_tab.FIELD_NAMES.index("train_encoders")] = "clip_g"  # the tab's dropdown value
     values[webui_tab.FIELD_NAMES.index("steps")] = 250.0  # Gradio numbers arrive as floats
     values[webui_tab.FIELD_NAMES.index("name")] = "cat toy"
     txt2img = ["a cat toy on a table", "blurry", 12.0, "DPM++ 2M", 6.5, 42.0, 512.0, 640.0]
     cfg = webui_tab.config_from_values(values, True, txt2img)
-    assert cfg.steps == 250 and cfg.name == "cat toy"
+    assert cfg.steps == 250 and cfg.name == "cat toy" and cfg.train_encoders == ["clip_g"]
     assert (cfg.preview_prompt, cfg.preview_sampler, cfg.preview_steps, cfg.preview_height) == \
         ("a cat toy on a table", "DPM++ 2M", 12, 640)
     cfg = webui_tab.config_from_values(values, False, txt2img)

@@ -26,6 +26,7 @@ from lib_ti.bench import draw_images
 
 WEBUI = os.environ.get("TI_TRAINER_WEBUI_DIR", "")
 ROOT = Path(__file__).resolve().parents[1]
+FAMILIES = ("sd1", "sd2", "sdxl")
 USER, PASSWORD = "tester", "s3cret"
 
 pytestmark = [
@@ -68,6 +69,10 @@ class Webui:
         assert code == 200, out
         return json.loads(out["info"])
 
+    def use_model(self, family: str) -> None:
+        code, out = self.call("POST", "/sdapi/v1/options", {"sd_model_checkpoint": f"tiny-{family}.safetensors"})
+        assert code == 200, out
+
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-4000:]
 
@@ -84,10 +89,12 @@ def webui(tmp_path_factory):
 
     data_dir = tmp_path_factory.mktemp("webui-data")
     models = data_dir / "models" / "Stable-diffusion"
-    ckpt = build_tiny_model("sd1", tmp_path_factory.mktemp("tiny-sd1"), single_file=True)
     models.mkdir(parents=True)
-    for part in ckpt.parent.iterdir():  # the checkpoint, its same-named yaml and the side folders it names
-        (models / part.name).symlink_to(part)
+    for family in FAMILIES:  # each checkpoint with its same-named yaml and the side folders the yaml names
+        ckpt = build_tiny_model(family, tmp_path_factory.mktemp(f"tiny-{family}"), single_file=True)
+        for part in ckpt.parent.iterdir():
+            (models / part.name).symlink_to(part)
+    site = _register_open_clip_configs(tmp_path_factory.mktemp("site"), models)
     (data_dir / "embeddings").mkdir()
     # Live previews with the default "Approx NN" would try to download a VAE approximation for SDXL.
     (data_dir / "config.json").write_text(json.dumps({"show_progress_type": "Approx cheap"}))
@@ -97,12 +104,13 @@ def webui(tmp_path_factory):
                     ignore=shutil.ignore_patterns(".git", ".venv", "outputs", "__pycache__", ".pytest_cache"))
     port = _free_port()
     python = os.environ.get("TI_TRAINER_WEBUI_PYTHON", str(Path(WEBUI) / "venv" / "bin" / "python"))
-    args = [python, "launch.py", "--data-dir", str(data_dir), "--ckpt", str(models / ckpt.name), "--api",
+    args = [python, "launch.py", "--data-dir", str(data_dir), "--ckpt", str(models / "tiny-sd1.safetensors"), "--api",
             "--api-auth", f"{USER}:{PASSWORD}", "--port", str(port), "--use-cpu", "all", "--no-half", "--precision", "full",
             "--skip-torch-cuda-test", "--skip-prepare-environment", "--skip-install", "--no-download-sd-model",
             "--skip-version-check", "--ti-trainer-output-dir", str(data_dir / "ti-runs")]
     log = data_dir / "webui.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": str(site)}
     with open(log, "wb") as out:
         proc = subprocess.Popen(args, cwd=WEBUI, stdout=out, stderr=subprocess.STDOUT, env=env)
     host = Webui(f"http://127.0.0.1:{port}", log, proc, data_dir)
@@ -115,6 +123,15 @@ def webui(tmp_path_factory):
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def _register_open_clip_configs(site: Path, models: Path) -> Path:
+    """The tiny SD2/SDXL yamls name OpenCLIP architectures open_clip does not ship: a sitecustomize on
+    the webui's PYTHONPATH registers their configs at start, leaving the webui install untouched."""
+    folders = sorted(str(p) for p in models.glob("*.open_clip"))
+    (site / "sitecustomize.py").write_text(
+        "import open_clip\n" + "".join(f"open_clip.add_model_config({f!r})\n" for f in folders))
+    return site
 
 
 def _wait_until_up(host: Webui, timeout: float = 300) -> None:
@@ -153,16 +170,21 @@ def test_api_requires_the_hosts_api_auth(webui):
     assert code == 401
 
 
-def test_adapter_conditioning_is_the_hosts_own_and_trains_the_vectors(webui):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_conditioning_is_the_hosts_own_and_trains_the_vectors(webui, family):
     # Vectors equal to "a photo"'s token embeddings: our prompt "a <token> on a table" must give exactly
-    # the host's generation conditioning for "a a photo on a table", tokens after the name included.
+    # the host's generation conditioning for "a a photo on a table" (SDXL: crossattn and the pooled
+    # vector), tokens after the name included; and the gradient must reach every encoder's vectors.
+    webui.use_model(family)
     code, out = webui.call("POST", "/ti-trainer/v1/selfcheck?init_text=a%20photo")
     assert code == 200, out
-    assert out["family"] == "sd1" and out["vectors"] == 2, out
+    assert out["family"] == family and out["vectors"] == 2, out
+    assert set(out["grad_norm"]) == {"sd1": {"clip_l"}, "sd2": {"clip_h"}, "sdxl": {"clip_l", "clip_g"}}[family]
     assert max(out["max_abs_diff"].values()) < 1e-4 and min(out["grad_norm"].values()) > 0 and out["ok"], out
 
 
 def test_train_through_the_api_then_use_every_checkpoint_in_txt2img(webui, dataset):
+    webui.use_model("sd1")
     code, started = webui.call("POST", "/ti-trainer/v1/train", run_config(dataset, "tinytok"))
     assert code == 202, started
     status = webui.wait_for_run(started["run_id"])
@@ -184,6 +206,7 @@ def test_train_through_the_api_then_use_every_checkpoint_in_txt2img(webui, datas
 
 
 def test_an_interrupted_run_resumes_from_its_last_checkpoint(webui, dataset):
+    webui.use_model("sd1")
     cfg = run_config(dataset, "resumetok", steps=300, save_every=2, preview_every=0)
     code, started = webui.call("POST", "/ti-trainer/v1/train", cfg)
     assert code == 202, started
@@ -215,3 +238,39 @@ def test_bad_requests_are_refused_before_any_work(webui, dataset, changes, messa
     code, out = webui.call("POST", "/ti-trainer/v1/train", {**run_config(dataset, "badtok"), **changes})
     assert code == 422 and message in out["detail"], out
     assert not (webui.data_dir / "escape").exists()
+
+
+@pytest.mark.parametrize("family, keys", [("sd2", {"clip_h"}), ("sdxl", {"clip_l", "clip_g"})])
+def test_sd2_v_and_sdxl_train_and_are_used_in_txt2img(webui, dataset, family, keys):
+    from lib_ti.embedding_io import load_embedding
+
+    webui.use_model(family)
+    name = f"{family}tok"
+    code, started = webui.call("POST", "/ti-trainer/v1/train", run_config(dataset, name, steps=4, save_every=2,
+                                                                         preview_every=2))
+    assert code == 202, started
+    status = webui.wait_for_run(started["run_id"])
+    assert status["state"] == "finished" and status["step"] == 4 and not status["warnings"], status
+    saved = load_embedding(webui.data_dir / "embeddings" / f"{name}.safetensors")
+    first = load_embedding(webui.data_dir / "embeddings" / "ti-trainer" / name / f"{name}-2.safetensors")
+    # One-tensor files (SD1/SD2) are named by their width on reading; the tiny SD2's width is SD1-like.
+    assert (set(saved.vectors) == keys if len(keys) > 1 else len(saved.vectors) == 1) and saved.step == 4
+    for key in saved.vectors:  # every encoder's vectors trained
+        assert not (saved.vectors[key] == first.vectors[key]).all(), key
+    info = webui.txt2img(f"a photo of {name}")
+    assert f"{name}: " in info.get("extra_generation_params", {}).get("TI hashes", ""), info
+
+
+def test_creating_an_sdxl_embedding_works_where_the_hosts_own_create_fails(webui):
+    from lib_ti.embedding_io import load_embedding
+
+    webui.use_model("sdxl")
+    body = {"name": "xlnew", "init_text": "a red cube", "num_vectors": 3}
+    code, out = webui.call("POST", "/ti-trainer/v1/create", body)
+    assert code == 200, out
+    emb = load_embedding(out["path"])
+    assert set(emb.vectors) == {"clip_l", "clip_g"} and emb.num_vectors == 3 and emb.step == 0
+    code, listed = webui.call("GET", "/sdapi/v1/embeddings")
+    assert listed["loaded"]["xlnew"]["vectors"] == 3, listed
+    code, again = webui.call("POST", "/ti-trainer/v1/create", body)
+    assert code == 422 and "already exists" in again["detail"]

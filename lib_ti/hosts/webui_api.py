@@ -70,6 +70,16 @@ def mount(app) -> None:
     def runs():
         return {"session": [j.status() for j in list(runner.JOBS.values())], "on_disk": _runs_on_disk()}
 
+    @router.post("/create", summary="Create a step-0 embedding from init text in the embeddings folder")
+    def create(config: dict[str, Any] = Body(..., description="name, init_text, num_vectors, overwrite")):
+        try:
+            cfg = TrainConfig.from_dict(config)
+            with a1111.gpu_job("task(ti-trainer-create)"):
+                path = runner.create_embedding(cfg)
+        except TIError as exc:
+            raise HTTPException(422, str(exc)) from None
+        return {"path": str(path), "name": cfg.name}
+
     @router.post("/selfcheck", summary="Check the adapter on the loaded checkpoint (conditioning and gradients)")
     def selfcheck(init_text: str = Query("a photo", description="words whose token vectors stand in for the token"),
                   prompt: str = Query("a {} on a table", description="a prompt; {} marks the token")):

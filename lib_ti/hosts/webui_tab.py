@@ -18,10 +18,10 @@ TAB_TITLE = "Train Embedding"
 ELEM_PREFIX = "ti_trainer"
 _state = {"in_train_tab": False}
 
-# Controls by section; fields not listed (model, train_encoders) make no sense in the webui's tab.
+# Controls by section; the one field not listed (model) makes no sense in the webui's tab.
 SECTIONS: list[tuple[str, list[str]]] = [
     ("Training", ["steps", "batch_size", "grad_accum", "learning_rate", "optimizer", "weight_decay", "clip_mode",
-                  "clip_value", "min_snr_gamma", "precision", "gradient_checkpointing", "seed"]),
+                  "clip_value", "min_snr_gamma", "precision", "gradient_checkpointing", "seed", "train_encoders"]),
     ("Data", ["width", "height", "crop", "flip", "random_crops", "repeats", "shuffle_tags", "tag_dropout",
               "keep_tokens", "use_alpha_weight", "latent_sampling", "cache_latents_to_disk"]),
     ("Saving and previews", ["output_dir", "save_every", "keep_last", "save_format", "log_every", "preview_every",
@@ -34,6 +34,7 @@ FIELD_NAMES = TOP_FIELDS + [name for _, names in SECTIONS for name in names]
 TXT2IMG_FIELDS = ["preview_prompt", "preview_negative_prompt", "preview_steps", "preview_sampler",
                   "preview_cfg_scale", "preview_seed", "preview_width", "preview_height"]
 SETTING_DEFAULTS = ["precision", "save_every", "keep_last", "preview_every"]
+ENCODER_CHOICES = {"all": [], "clip_l": ["clip_l"], "clip_g": ["clip_g"]}
 
 
 def element_id(name: str) -> str:
@@ -128,6 +129,8 @@ def _widget(name: str, default):
     hint = typing.get_type_hints(TrainConfig)[name]
     label = name.replace("_", " ").capitalize()
     kwargs = dict(label=label, info=HELP[name], elem_id=element_id(name))
+    if name == "train_encoders":  # SDXL: both encoders, or one while the other keeps its init vectors
+        return gr.Dropdown(choices=list(ENCODER_CHOICES), value="all", **kwargs)
     if typing.get_origin(hint) is typing.Literal:
         return gr.Dropdown(choices=list(typing.get_args(hint)), value=default, **kwargs)
     if hint is bool:
@@ -152,6 +155,7 @@ def config_from_values(values: list, from_txt2img: bool, txt2img: list) -> Train
     data = dict(zip(FIELD_NAMES, values))
     if from_txt2img and txt2img:
         data.update(zip(TXT2IMG_FIELDS, txt2img))
+    data["train_encoders"] = ENCODER_CHOICES.get(data.get("train_encoders") or "all", [])
     for name, value in data.items():
         if hints[name] is int and isinstance(value, float) and value.is_integer():
             data[name] = int(value)
