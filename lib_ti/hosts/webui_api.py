@@ -21,6 +21,9 @@ PREFIX = "/ti-trainer/v1"
 
 
 def mount(app) -> None:
+    if getattr(app.state, "ti_trainer_mounted", False):  # on_app_started fires again after every UI reload
+        return
+    app.state.ti_trainer_mounted = True
     from fastapi import APIRouter, Body, Depends, HTTPException, Query
     from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
