@@ -78,3 +78,14 @@ def test_top_level_tab_only_when_the_train_tab_hook_never_ran(monkeypatch):
     assert webui_tab.on_ui_tabs() == [("blocks", "Train Embedding", "ti_trainer_top_tab")]
     monkeypatch.setitem(webui_tab._state, "in_train_tab", True)
     assert webui_tab.on_ui_tabs() == []
+
+
+def test_only_the_host_adapter_module_imports_the_webui():
+    """lib_ti/hosts/a1111.py is the one place that knows the webui's internals (modules.*)."""
+    for path in (ROOT / "lib_ti").rglob("*.py"):
+        if path.name == "a1111.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            assert not any(n.split(".")[0] == "modules" for n in names), f"{path} imports {names}"
