@@ -1,4 +1,4 @@
-"""Headless command line: ``python -m lib_ti {train,inspect,bench} ...``."""
+"""Headless command line: ``python -m lib_ti {train,check,prepare,caption,inspect,bench,demo} ...``."""
 
 from __future__ import annotations
 
@@ -44,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Print what an embedding file holds; convert it with --to.")
     inspect_cmd.add_arguments(inspect)
     inspect.set_defaults(run=inspect_cmd.run)
-    from . import bench, demo
+    from . import bench, dataset_cli, demo
 
+    dataset_cli.add_parsers(sub)
     bench.add_parser(sub)
     demo.add_parser(sub)
     return parser
@@ -61,11 +62,21 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                      help="dtype of the frozen UNet and text encoders (auto = fp16 on GPU, fp32 on CPU)")
     run.add_argument("--model-config", help="single-file checkpoints: a local diffusers folder with the component configs")
     group = parser.add_argument_group("training config (every key of the config file)")
-    hints = typing.get_type_hints(TrainConfig)
-    for f in fields(TrainConfig):
-        flags = [f"--{f.name.replace('_', '-')}", *ALIASES.get(f.name, [])]
-        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-        kwargs: dict = dict(dest=f.name, default=None, help=f"{HELP[f.name]} (default: {default!r})")
+    add_field_arguments(group, TrainConfig, HELP, ALIASES)
+
+
+def add_field_arguments(group, cls: type, help_texts: dict[str, str], aliases: dict[str, list[str]] | None = None,
+                        required: tuple[str, ...] = ()) -> None:
+    """One flag per field of the dataclass ``cls``, typed from its annotation; unset flags stay None."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        flags = [f"--{f.name.replace('_', '-')}", *(aliases or {}).get(f.name, [])]
+        kwargs: dict = dict(dest=f.name, default=None, help=help_texts[f.name])
+        if f.name in required:
+            kwargs["required"] = True
+        else:
+            default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+            kwargs["help"] += f" (default: {default!r})"
         hint = hints[f.name]
         if hint is bool:
             kwargs["action"] = argparse.BooleanOptionalAction

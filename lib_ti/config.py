@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
+from .buckets import bucket_sizes, side_limits
 from .errors import TIError
 from .schedule import parse_schedule
 
@@ -71,6 +72,9 @@ HELP: dict[str, str] = {
     'shuffle_tags': 'shuffle the comma-separated tags of each caption every step',
     'tag_dropout': 'probability of dropping each caption tag (never all)',
     'cache_latents_to_disk': 'also keep the encoded latents in the run folder, reused by the next run on the same data',
+    'buckets': 'train each image at the 64-multiple size nearest its aspect, area <= width x height (buckets)',
+    'bucket_min_side': 'shortest bucket side, a multiple of 64 (0 = half the shorter training side)',
+    'bucket_max_side': 'longest bucket side, a multiple of 64 (0 = twice the longer training side)',
     'save_format': 'safetensors (every tool loads it) or pt (the webui classic format)',
     'preview_negative_prompt': 'negative prompt of the preview renders',
     'preview_steps': 'sampling steps of a preview render',
@@ -124,6 +128,9 @@ class TrainConfig:
     use_alpha_weight: bool = False
     latent_sampling: LatentSampling = "random"
     cache_latents_to_disk: bool = False
+    buckets: bool = False
+    bucket_min_side: int = 0
+    bucket_max_side: int = 0
 
     # Saving and previews
     save_every: int = 500
@@ -177,13 +184,34 @@ class TrainConfig:
         unknown = set(self.train_encoders) - {"clip_l", "clip_g", "clip_h"}
         if unknown:
             _bad("train_encoders", self.train_encoders, "name encoders among clip_l, clip_g (SDXL) or leave it empty")
+        self._check_buckets()
         parse_schedule(self.learning_rate, what="learning rate")
         parse_schedule(self.clip_value, what="clip value")
+
+    def _check_buckets(self) -> None:
+        for name in ("bucket_min_side", "bucket_max_side"):
+            value = getattr(self, name)
+            if value and (value < 64 or value % 64):
+                _bad(name, value, "use 0 (automatic) or a multiple of 64 (the UNet needs latents divisible by 8)")
+        if self.bucket_min_side and self.bucket_max_side and self.bucket_max_side < self.bucket_min_side:
+            _bad("bucket_max_side", self.bucket_max_side, f"use at least bucket_min_side={self.bucket_min_side}")
+        if self.buckets:
+            low, high = side_limits(self.width, self.height, self.bucket_min_side, self.bucket_max_side)
+            if high < low:
+                _bad("bucket_max_side", self.bucket_max_side, f"use at least the shortest bucket side, {low}")
+            if low * low > self.width * self.height:  # not even a square bucket of the shortest side fits
+                _bad("bucket_min_side", self.bucket_min_side, f"a {low}x{low} bucket is larger than the training area "
+                     f"{self.width}x{self.height}; lower it or raise width/height")
 
     # ------------------------------------------------------------------ derived values
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) if self.output_dir else Path("outputs") / self.name
+
+    @property
+    def bucket_list(self) -> list[tuple[int, int]]:
+        """The (width, height) buckets of this run; [] when buckets are off."""
+        return bucket_sizes(self.width, self.height, self.bucket_min_side, self.bucket_max_side) if self.buckets else []
 
     @property
     def planned_steps(self) -> int:

@@ -6,7 +6,7 @@ import random
 from dataclasses import dataclass
 
 from .config import TrainConfig
-from .dataset import DatasetOptions, Sample, SampleSampler, discover, load_samples
+from .dataset import BucketSampler, DatasetOptions, Sample, SampleSampler, discover, load_samples
 from .templates import check_captions, check_templates, load_templates, pick_template, render_caption
 
 
@@ -35,7 +35,8 @@ class TrainingData:
 
 def dataset_options(cfg: TrainConfig) -> DatasetOptions:
     return DatasetOptions(width=cfg.width, height=cfg.height, crop=cfg.crop, flip=cfg.flip,
-                          random_crops=cfg.random_crops, repeats=cfg.repeats, use_alpha_weight=cfg.use_alpha_weight)
+                          random_crops=cfg.random_crops, repeats=cfg.repeats, use_alpha_weight=cfg.use_alpha_weight,
+                          buckets=tuple(cfg.bucket_list))
 
 
 def prepare_data(cfg: TrainConfig) -> TrainingData:
@@ -44,5 +45,6 @@ def prepare_data(cfg: TrainConfig) -> TrainingData:
     items = discover(cfg.data_dir)
     check_captions(templates, {item.path.name: item.caption for item in items}, cfg.name)
     samples = load_samples(items, dataset_options(cfg), seed=cfg.seed)
-    sampler = SampleSampler(samples, batch_size=cfg.batch_size, repeats=cfg.repeats, seed=cfg.seed)
+    sampler_class = BucketSampler if cfg.buckets else SampleSampler
+    sampler = sampler_class(samples, batch_size=cfg.batch_size, repeats=cfg.repeats, seed=cfg.seed)
     return TrainingData(cfg, samples, templates, sampler)

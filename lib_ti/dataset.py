@@ -8,6 +8,7 @@ sees exactly the batches it would have seen.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -16,11 +17,15 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 from .errors import TIError, warn
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: listing and checking files must stay quick
+    import torch
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CROP_MODES = ("center", "random", "squash")
@@ -30,7 +35,7 @@ _LANCZOS = getattr(Image, "Resampling", Image).LANCZOS
 _BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white
 _HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 # What PIL raises for files it cannot decode (truncated, not an image, zero bytes, bad EXIF).
-_UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
 
 
 @dataclass
@@ -43,6 +48,7 @@ class DatasetOptions:
     repeats: int = 1  # times each image is seen per epoch
     use_alpha_weight: bool = False  # weight the loss by the image's alpha channel
     caption_extension: str = ".txt"
+    buckets: tuple[tuple[int, int], ...] = ()  # (width, height) sizes; each image goes to the one nearest its aspect
 
     def __post_init__(self) -> None:
         for name in ("width", "height"):
@@ -58,6 +64,9 @@ class DatasetOptions:
         _check_int("random_crops", self.random_crops, 1)
         _check_int("repeats", self.repeats, 1)
         _check_caption_extension(self.caption_extension)
+        for size in self.buckets:
+            if len(size) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 8 or v % 8 for v in size):
+                raise TIError(f"dataset bucket {size!r} must be a (width, height) pair of multiples of 8")
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
@@ -193,10 +202,9 @@ def load_samples(items: Sequence[ImageItem], opts: DatasetOptions, *, seed: int 
     for item in items:
         try:
             rgb, alpha = read_image(item.path, keep_alpha=opts.use_alpha_weight)
-        except _UNREADABLE as e:
-            reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-            warn(f"skipping {str(item.path)!r}: cannot read it as an image ({reason})")
-            skipped.append(f"{item.path.name} ({reason})")
+        except UNREADABLE as e:
+            warn(f"skipping {str(item.path)!r}: {unreadable_reason(e)}")
+            skipped.append(f"{item.path.name} ({error_text(e)})")
             continue
         samples += _variants(rgb, alpha, item, opts, seed, image_index=n_images)
         n_images += 1
@@ -208,24 +216,45 @@ def load_samples(items: Sequence[ImageItem], opts: DatasetOptions, *, seed: int 
     return samples
 
 
-def read_image(path: Path, *, keep_alpha: bool = False) -> tuple[Image.Image, Image.Image | None]:
+def error_text(error: BaseException) -> str:
+    """'OSError: image file is truncated': what PIL said, for warnings and skip reports."""
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+def unreadable_reason(error: BaseException) -> str:
+    """Why an image file is skipped: 'cannot read it as an image (OSError: image file is truncated)'."""
+    return f"cannot read it as an image ({error_text(error)})"
+
+
+def read_image(path: Path, *, keep_alpha: bool = False,
+               background: tuple[int, int, int] = _BACKGROUND) -> tuple[Image.Image, Image.Image | None]:
     """An RGB image (EXIF orientation applied, any mode converted) and its alpha as "L" (or None).
 
-    Transparent pixels are composited onto white. The alpha is returned only when
-    ``keep_alpha`` and the image has one.
+    Transparent pixels are composited onto ``background`` (white). The alpha is returned only
+    when ``keep_alpha`` and the image has one.
+    """
+    im = open_image(path)
+    if im.mode == "RGBA":
+        alpha = im.getchannel("A")
+        rgb = Image.new("RGB", im.size, background)
+        rgb.paste(im, mask=alpha)
+        return rgb, alpha if keep_alpha else None
+    return im, None
+
+
+def open_image(path: Path) -> Image.Image:
+    """Decode ``path`` fully into "RGB", or "RGBA" when it has any transparency; EXIF orientation applied.
+
+    Raises one of ``UNREADABLE`` for files PIL cannot decode (truncated files fail here, not later).
     """
     with Image.open(path) as im:
-        im.load()  # decode now, so truncated files fail here rather than later
+        im.load()
         im = ImageOps.exif_transpose(im)
     if im.mode in _HIGH_BIT_MODES:
         im = _high_bit_to_l(im)
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
-        rgba = im.convert("RGBA")
-        alpha = rgba.getchannel("A")
-        rgb = Image.new("RGB", rgba.size, _BACKGROUND)
-        rgb.paste(rgba, mask=alpha)
-        return rgb, alpha if keep_alpha else None
-    return im.convert("RGB"), None
+        return im.convert("RGBA")
+    return im.convert("RGB")
 
 
 def _high_bit_to_l(im: Image.Image) -> Image.Image:
@@ -238,6 +267,11 @@ def _high_bit_to_l(im: Image.Image) -> Image.Image:
 def _variants(rgb: Image.Image, alpha: Image.Image | None, item: ImageItem, opts: DatasetOptions,
               seed: int, image_index: int) -> list[Sample]:
     rng = random.Random(f"ti-crop:{seed}:{item.path.name}")
+    if opts.buckets:  # this image's size is its bucket's; crops and flips then work as for a fixed size
+        from .buckets import nearest_bucket
+
+        width, height = nearest_bucket(rgb.size, opts.buckets)
+        opts = dataclasses.replace(opts, width=width, height=height, buckets=())
     out = []
     for k, box in enumerate(crop_boxes(rgb.size, opts, rng)):
         pixels = _to_pixels(rgb.resize((opts.width, opts.height), _LANCZOS, box=box))
@@ -270,12 +304,16 @@ def crop_boxes(size: tuple[int, int], opts: DatasetOptions, rng: random.Random) 
 
 
 def _to_pixels(rgb: Image.Image) -> torch.Tensor:
+    import torch
+
     arr = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy())
     return arr.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
 def _weight(alpha: Image.Image | None, box: tuple[float, ...], opts: DatasetOptions) -> torch.Tensor | None:
     """Loss weights from alpha like the webui (w -= min; w /= mean), all ones when there is nothing to weight."""
+    import torch
+
     if not opts.use_alpha_weight:
         return None
     if alpha is None:
@@ -351,3 +389,52 @@ class SampleSampler:
         while True:
             yield self.batch_indices(step)
             step += 1
+
+
+class BucketSampler(SampleSampler):
+    """Batches that never mix sizes (aspect-ratio buckets), as a pure function of (seed, step).
+
+    A micro-batch is one stacked latent tensor, so each batch comes from one bucket. Per epoch,
+    each bucket's draws (its images x ``repeats``, variants picked at random) are shuffled and
+    cut into batches of ``batch_size``; a bucket's last batch may be smaller, since padding it
+    would over-train its images. Then all batches are shuffled together. The batch count per
+    epoch depends only on the bucket sizes, so step ``s`` is batch ``s % n`` of epoch ``s // n``
+    and a resumed run draws exactly what the uninterrupted one would have.
+    """
+
+    def __init__(self, samples: Sequence[Sample], *, batch_size: int, repeats: int = 1, seed: int = 0) -> None:
+        super().__init__(samples, batch_size=batch_size, repeats=repeats, seed=seed)
+        buckets: dict[tuple[int, ...], list[int]] = {}
+        for g, group in enumerate(self.groups):  # every variant of an image has the image's size
+            buckets.setdefault(tuple(samples[group[0]].pixels.shape[-2:]), []).append(g)
+        self.buckets = [buckets[size] for size in sorted(buckets)]  # sorted: independent of the files' order
+        self.batches_per_epoch = sum(-(-len(groups) * repeats // batch_size) for groups in self.buckets)
+        self._batches: dict[int, list[list[int]]] = {}
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The batches (sample indices) of ``epoch``, in order."""
+        if epoch not in self._batches:
+            if len(self._batches) > 8:
+                self._batches.clear()
+            rng = random.Random(f"ti-buckets:{self.seed}:{epoch}")
+            batches = []
+            for groups in self.buckets:
+                draws = [g for g in groups for _ in range(self.repeats)]
+                rng.shuffle(draws)
+                picks = [self.groups[g][rng.randrange(len(self.groups[g]))] for g in draws]
+                batches += [picks[i:i + self.batch_size] for i in range(0, len(picks), self.batch_size)]
+            rng.shuffle(batches)
+            self._batches[epoch] = batches
+        return self._batches[epoch]
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        return [i for batch in self.epoch_batches(epoch) for i in batch]
+
+    def batch_indices(self, step: int) -> list[int]:
+        if step < 0:
+            raise TIError(f"training step must be >= 0, got {step}")
+        epoch, k = divmod(step, self.batches_per_epoch)
+        return list(self.epoch_batches(epoch)[k])
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.batches_per_epoch

@@ -293,14 +293,14 @@ def evaluate_loss(engine: Engine, cfg: TrainConfig, data: TrainingData, vectors:
                   draws: int = 4, seed: int = 12345) -> float:
     """Mean loss over every sample x ``draws`` fixed (noise, timestep, caption) draws: comparable across vectors."""
     latents = LatentCache.build(engine, data.samples, cfg.replace(cache_latents_to_disk=False), cfg.run_dir)
-    total = 0.0
+    total, count = 0.0, len(data.samples)
     for draw in range(draws):
-        indices = list(range(len(data.samples)))
-        mean, weights = latents.batch(indices, torch.Generator().manual_seed(seed + draw))
-        rng = random.Random(seed + draw)
-        batch = Batch(mean, [data.caption(i, rng) for i in indices], weights)
-        generator = torch.Generator().manual_seed(seed + 1000 + draw)
-        total += batch_loss(engine, cfg, batch, vectors, generator, torch.float32).item()
+        for indices in latents.size_groups(range(count)):  # one batch per size: buckets cannot be stacked
+            mean, weights = latents.batch(indices, torch.Generator().manual_seed(seed + draw))
+            rng = random.Random(seed + draw)
+            batch = Batch(mean, [data.caption(i, rng) for i in indices], weights)
+            generator = torch.Generator().manual_seed(seed + 1000 + draw)
+            total += batch_loss(engine, cfg, batch, vectors, generator, torch.float32).item() * len(indices) / count
     return total / draws
 
 def step_seed(seed: int, step: int, micro: int, purpose: str) -> int:

@@ -1,0 +1,61 @@
+"""Aspect-ratio buckets: train each image near its own aspect instead of squashing or cropping it.
+
+A bucket is a (width, height) pair, both multiples of 64, whose area is at most the training area
+(config width x height): memory stays what the plain size needs. An image goes to the bucket
+nearest its own aspect, compared in log space so that 2:1 and 1:2 are equally far from 1:1.
+Pure arithmetic, no torch: the config validates with it and the pre-flight check reports with it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable
+
+from .errors import TIError
+
+STEP = 64  # 8 latent pixels: every UNet (SD1/SD2/SDXL) halves its input up to 3 times
+
+Size = tuple[int, int]  # (width, height)
+
+
+def side_limits(width: int, height: int, min_side: int = 0, max_side: int = 0) -> tuple[int, int]:
+    """Bucket side limits; 0 means automatic: half the shorter / twice the longer training side."""
+    low = min_side or max(STEP, min(width, height) // 2 // STEP * STEP)
+    high = max_side or max(low, 2 * max(width, height) // STEP * STEP)
+    return low, high
+
+
+def bucket_sizes(width: int, height: int, min_side: int = 0, max_side: int = 0) -> list[Size]:
+    """Every bucket for a ``width`` x ``height`` training area, tallest first, widest last.
+
+    For each width from ``min_side`` to ``max_side`` (steps of 64) the height is the largest
+    multiple of 64 that keeps the area within the training area, so no bucket costs more memory
+    than the plain training size; each size is mirrored, so tall images get the choices wide ones do.
+    """
+    low, high = side_limits(width, height, min_side, max_side)
+    area = width * height
+    wide = [(w, min(high, area // w // STEP * STEP)) for w in range(low, high + 1, STEP)]
+    wide = [(w, h) for w, h in wide if h >= low]
+    sizes = sorted(set(wide) | {(h, w) for w, h in wide}, key=lambda s: (s[0] / s[1], s))
+    if not sizes:
+        raise TIError(f"no bucket with sides between {low} and {high} (multiples of {STEP}) fits the training area "
+                      f"{width}x{height}: lower bucket_min_side or raise width/height")
+    return sizes
+
+
+def nearest_bucket(size: Size, buckets: Iterable[Size]) -> Size:
+    """The bucket whose aspect is nearest ``size``'s; on a tie the larger one (less upscaling)."""
+    aspect = math.log(max(size[0], 1) / max(size[1], 1))
+    return min(buckets, key=lambda b: (abs(aspect - math.log(b[0] / b[1])), -b[0] * b[1]))
+
+
+def assign(sizes: Iterable[Size], buckets: Iterable[Size]) -> Counter:
+    """How many of ``sizes`` land in each bucket: ``Counter({(w, h): n})``."""
+    options = list(buckets)
+    return Counter(nearest_bucket(s, options) for s in sizes)
+
+
+def describe(counts: Counter) -> str:
+    """``"384x640 x5, 512x512 x4"``: buckets by size, for reports."""
+    return ", ".join(f"{w}x{h} x{n}" for (w, h), n in sorted(counts.items()))
