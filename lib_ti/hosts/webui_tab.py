@@ -23,7 +23,8 @@ SECTIONS: list[tuple[str, list[str]]] = [
     ("Training", ["steps", "batch_size", "grad_accum", "learning_rate", "optimizer", "weight_decay", "clip_mode",
                   "clip_value", "min_snr_gamma", "precision", "gradient_checkpointing", "seed", "train_encoders"]),
     ("Data", ["width", "height", "crop", "flip", "random_crops", "repeats", "shuffle_tags", "tag_dropout",
-              "keep_tokens", "use_alpha_weight", "latent_sampling", "cache_latents_to_disk"]),
+              "keep_tokens", "use_alpha_weight", "latent_sampling", "cache_latents_to_disk", "buckets",
+              "bucket_min_side", "bucket_max_side"]),
     ("Saving and previews", ["output_dir", "save_every", "keep_last", "save_format", "log_every", "preview_every",
                              "preview_prompt", "preview_negative_prompt", "preview_steps", "preview_sampler",
                              "preview_cfg_scale", "preview_seed", "preview_width", "preview_height"]),
@@ -46,9 +47,13 @@ def on_ui_train_tabs(params) -> None:
     """Inside the host's Train tab: ``params.txt2img_preview_params`` feeds "previews from txt2img"."""
     import gradio as gr
 
+    from . import webui_dataset
+
     _state["in_train_tab"] = True
     with gr.Tab(label=TAB_TITLE, id=element_id("tab")):
         build_controls(list(getattr(params, "txt2img_preview_params", []) or []))
+    with gr.Tab(label=webui_dataset.TAB_TITLE, id=element_id("dataset_tab")):
+        webui_dataset.build_controls()
 
 
 def on_ui_tabs():
@@ -61,8 +66,14 @@ def on_ui_tabs():
 def _build():
     import gradio as gr
 
+    from . import webui_dataset
+
     with gr.Blocks(analytics_enabled=False) as block:
-        build_controls([])
+        with gr.Tabs():
+            with gr.Tab(label="Train"):
+                build_controls([])
+            with gr.Tab(label="Dataset"):
+                webui_dataset.build_controls()
     return block
 
 
@@ -101,6 +112,7 @@ def build_controls(txt2img_params: list) -> None:
                                              "txt2img tab", value=False, visible=bool(txt2img_params),
                                        elem_id=element_id("from_txt2img"))
             with gr.Row():
+                check = gr.Button(value="Check", elem_id=element_id("check"))
                 create = gr.Button(value="Create embedding", elem_id=element_id("create"))
                 train = gr.Button(value="Train", variant="primary", elem_id=element_id("train"))
                 resume = gr.Button(value="Resume", elem_id=element_id("resume"))
@@ -119,6 +131,7 @@ def build_controls(txt2img_params: list) -> None:
     resume.click(fn=a1111.wrap_gpu_call(_resume_clicked, [None]), _js="ti_trainer_start", inputs=inputs,
                  outputs=outputs)
     create.click(fn=a1111.wrap_gpu_call(_create_clicked, [None]), inputs=inputs, outputs=outputs)
+    check.click(fn=_check_clicked, inputs=inputs, outputs=outputs)
     stop.click(fn=_stop_clicked, inputs=[], outputs=[outcome], queue=False)
     refresh.click(fn=lambda: gr.update(choices=_names()), inputs=[], outputs=[widgets["init_from"]], queue=False)
 
@@ -201,6 +214,22 @@ def _create_clicked(*args):
     except TIError as exc:
         return None, _error_html(str(exc))
     return None, f"<p>Created {path}: type <code>{cfg.name}</code> in a prompt to use it.</p>"
+
+
+def _check_clicked(*args):
+    """The pre-flight check: images usable and skipped, captions, trigger, sizes, memory, learning rate."""
+    import html
+
+    from ..preflight import check
+    from . import a1111
+
+    try:
+        cfg, _ = _split(args)
+        report = check(cfg, family=a1111.loaded_family())
+    except TIError as exc:
+        return None, _error_html(str(exc))
+    cls = "ti-trainer-report" if report.ok else "error"
+    return None, f"<pre class='{cls}'>{html.escape(report.format())}</pre>"
 
 
 def _stop_clicked():
