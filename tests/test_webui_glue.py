@@ -130,4 +130,5 @@ def test_only_one_run_at_a_time(host_folders, monkeypatch):
         runner.new_job(TrainConfig(name="two"))
     assert runner.current_job() is first
     first.finish(stopped=False)
-    assert runner.new_job(TrainConfig(name="two")).name == "two"
+    again = runner.new_job(TrainConfig(name="one"))  # same name, same second: its own run id
+    assert again.run_id != first.run_id and runner.JOBS[first.run_id] is first

@@ -116,7 +116,10 @@ def new_job(cfg: TrainConfig) -> Job:
         running = next((j for j in JOBS.values() if j.active), None)
         if running is not None:
             raise TIError(f"a training run is already active ({running.name}, {running.run_id}): stop it first")
-        job = Job(run_id=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}", name=cfg.name)
+        run_id = base = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        while run_id in JOBS:  # a resume right after a stop can start within the same second
+            run_id = f"{base}-{sum(k.startswith(base) for k in JOBS) + 1}"
+        job = Job(run_id=run_id, name=cfg.name)
         JOBS[job.run_id] = job
         for old in list(JOBS)[:-MAX_JOBS_KEPT]:
             JOBS.pop(old)
