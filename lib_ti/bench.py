@@ -1,4 +1,5 @@
 """``python -m lib_ti bench speed``: time training steps the way performance.md's protocol asks.
+(``bench quality``, embedding quality on the micro model, lives in ``micro/quality.py``.)
 
 Fixed conditions: 16 synthetic images at the chosen resolution (no bucketing), template
 "a photo of [name]", 4 vectors, previews and checkpoint saves off, warm-up steps excluded.
@@ -41,6 +42,9 @@ def add_parser(sub) -> None:
     speed.add_argument("--device", default="auto")
     speed.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
     speed.set_defaults(run=run_speed)
+    from .micro import quality
+
+    quality.add_parser(kinds)
 
 
 def run_speed(args: argparse.Namespace) -> int:

@@ -87,7 +87,7 @@ def build_tiny_model(
     pipe = _build_pipeline(family, seed, prediction)
     out = Path(out_dir)
     if not single_file:
-        _save_diffusers(pipe, out)
+        save_diffusers(pipe, out)
         return out
     return _save_single_file(pipe, family, prediction, seed, out)
 
@@ -125,7 +125,7 @@ def _build_pipeline(family: str, seed: int, prediction: str):
     parts = {
         "unet": _seeded(seed + 1, lambda: _unet(family)),
         "vae": _seeded(seed + 2, lambda: _vae(family)),
-        "scheduler": _scheduler(prediction),
+        "scheduler": sd_scheduler(prediction),
     }
     if family == "sdxl":
         parts["text_encoder"] = _seeded(seed + 3, lambda: _text_encoder("clip_l"))
@@ -232,7 +232,8 @@ def _vae(family: str):
     )
 
 
-def _scheduler(prediction: str):
+def sd_scheduler(prediction: str):
+    """The SD noise schedule (scaled-linear betas, 1000 steps) with the Euler sampler the webui defaults to."""
     from diffusers import EulerDiscreteScheduler
 
     return EulerDiscreteScheduler(
@@ -246,7 +247,8 @@ def _scheduler(prediction: str):
     )
 
 
-def _save_diffusers(pipe, out: Path) -> None:
+def save_diffusers(pipe, out: Path) -> None:
+    """``pipe.save_pretrained`` (safetensors) plus tokenizer files that every transformers version reads."""
     pipe.save_pretrained(out, safe_serialization=True)
     # transformers 5 writes only tokenizer.json; vocab.json + merges.txt also let older
     # transformers read the folder with the (slow) CLIPTokenizer that model_index.json names.
@@ -259,10 +261,17 @@ def _save_diffusers(pipe, out: Path) -> None:
 # --------------------------------------------------------------------------- single file
 
 
-def _save_single_file(pipe, family: str, prediction: str, seed: int, out: Path) -> Path:
+def save_single_file(pipe, family: str, out_dir: str | Path, *, name: str, prediction: str = "epsilon",
+                     seed: int = 0) -> Path:
+    """Write ``pipe`` as ``<name>.safetensors`` in the original layout, with its ``.yaml`` and side
+    folders (see ``build_tiny_model``); for other small models built in the real architectures."""
+    return _save_single_file(pipe, family, prediction, seed, Path(out_dir), name)
+
+
+def _save_single_file(pipe, family: str, prediction: str, seed: int, out: Path, name: str | None = None) -> Path:
     from safetensors.torch import save_file
 
-    name = f"tiny-{family}"
+    name = name or f"tiny-{family}"
     out.mkdir(parents=True, exist_ok=True)
     state = {**_unet_to_ldm(pipe.unet), **_vae_to_ldm(pipe.vae)}
     if family == "sd1":
@@ -283,7 +292,7 @@ def _save_single_file(pipe, family: str, prediction: str, seed: int, out: Path) 
 def _write_side_folders(pipe, family: str, stem: Path) -> dict[str, str]:
     """Write the folders the yaml and diffusers' ``from_single_file`` need; return the yaml's paths."""
     diffusers_dir = stem.with_name(stem.name + ".diffusers")
-    _save_diffusers(pipe, diffusers_dir)
+    save_diffusers(pipe, diffusers_dir)
     for weights in [*diffusers_dir.rglob("*.safetensors"), *diffusers_dir.rglob("*.bin")]:
         weights.unlink()  # configs only: the weights must come from the single file
     folders: dict[str, str] = {}

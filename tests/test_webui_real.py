@@ -10,11 +10,13 @@ It never installs or builds the webui. CI does not set the variable, so the tier
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -69,9 +71,12 @@ class Webui:
         assert code == 200, out
         return json.loads(out["info"])
 
-    def use_model(self, family: str) -> None:
-        code, out = self.call("POST", "/sdapi/v1/options", {"sd_model_checkpoint": f"tiny-{family}.safetensors"})
+    def use_model(self, family: str, checkpoint: str = "") -> None:
+        checkpoint = checkpoint or f"tiny-{family}.safetensors"
+        code, out = self.call("POST", "/sdapi/v1/options", {"sd_model_checkpoint": checkpoint})
         assert code == 200, out
+        code, options = self.call("GET", "/sdapi/v1/options")
+        assert options["sd_model_checkpoint"].startswith(checkpoint), (options["sd_model_checkpoint"], self.tail())
 
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-4000:]
@@ -95,12 +100,14 @@ def webui(tmp_path_factory):
         for part in ckpt.parent.iterdir():
             (models / part.name).symlink_to(part)
     site = _register_open_clip_configs(tmp_path_factory.mktemp("site"), models)
+    extension = data_dir / "extensions" / "sd-webui-ti-trainer"
+    _add_micro_model(models, extension)
     (data_dir / "embeddings").mkdir()
     # Live previews with the default "Approx NN" would try to download a VAE approximation for SDXL.
     (data_dir / "config.json").write_text(json.dumps({"show_progress_type": "Approx cheap"}))
     (data_dir / "extensions").mkdir()
     # A copy of the working tree, as "Install from URL" leaves it (minus .git, whose remote a local clone lacks).
-    shutil.copytree(ROOT, data_dir / "extensions" / "sd-webui-ti-trainer",
+    shutil.copytree(ROOT, extension,
                     ignore=shutil.ignore_patterns(".git", ".venv", "outputs", "__pycache__", ".pytest_cache"))
     port = _free_port()
     python = os.environ.get("TI_TRAINER_WEBUI_PYTHON", str(Path(WEBUI) / "venv" / "bin" / "python"))
@@ -123,6 +130,23 @@ def webui(tmp_path_factory):
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def _add_micro_model(models: Path, extension: Path) -> None:
+    """The shipped micro model, as the README tells a webui run with ``--data-dir`` to add it: the single
+    file, and its yaml with the CLIP folder named by its absolute path (the shipped yaml names it
+    relative to the webui's own folder, which only fits the default layout)."""
+    import yaml
+
+    from lib_ti.micro.model import NAME
+
+    shipped = extension / "lib_ti" / "assets" / NAME
+    (models / f"{NAME}.safetensors").symlink_to(shipped / f"{NAME}.safetensors")
+    config = yaml.safe_load((ROOT / "lib_ti" / "assets" / NAME / f"{NAME}.yaml").read_text())
+    params = config["model"]["params"]["cond_stage_config"]["params"]
+    assert params["version"] == f"extensions/sd-webui-ti-trainer/lib_ti/assets/{NAME}/{NAME}.diffusers/tokenizer"
+    params["version"] = str(shipped / f"{NAME}.diffusers" / "tokenizer")
+    (models / f"{NAME}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 def _register_open_clip_configs(site: Path, models: Path) -> Path:
@@ -192,11 +216,12 @@ def test_train_through_the_api_then_use_every_checkpoint_in_txt2img(webui, datas
     assert status["step"] == 6 and status["error"] is None
     embeddings = webui.data_dir / "embeddings"
     assert (embeddings / "tinytok.safetensors").is_file()
-    assert (embeddings / "ti-trainer" / "tinytok" / "tinytok-3.safetensors").is_file()
+    for step in (3, 6):  # every checkpoint, the last one too (it is also the final file)
+        assert (embeddings / "ti-trainer" / "tinytok" / f"tinytok-{step}.safetensors").is_file()
     assert status["last_preview"] and Path(status["last_preview"]).is_file()
 
     code, listed = webui.call("GET", "/sdapi/v1/embeddings")
-    assert code == 200 and {"tinytok", "tinytok-3"} <= set(listed["loaded"]), listed
+    assert code == 200 and {"tinytok", "tinytok-3", "tinytok-6"} <= set(listed["loaded"]), listed
     assert listed["loaded"]["tinytok"]["vectors"] == 2
 
     for prompt_name in ("tinytok", "tinytok-3"):  # final and checkpoint, usable at once: no refresh, no restart
@@ -274,3 +299,45 @@ def test_creating_an_sdxl_embedding_works_where_the_hosts_own_create_fails(webui
     assert listed["loaded"]["xlnew"]["vectors"] == 3, listed
     code, again = webui.call("POST", "/ti-trainer/v1/create", body)
     assert code == 422 and "already exists" in again["detail"]
+
+
+# ---------------------------------------------------------------------- the micro model in the webui
+def test_the_webui_loads_the_micro_model_and_its_renders_follow_prompts(webui):
+    from PIL import Image
+
+    from lib_ti.micro import assets
+    from lib_ti.micro.classifier import classify, load_classifier
+    from lib_ti.micro.evaluate import plain_cases, score
+
+    webui.use_model("sd1", "micro-sd.safetensors")
+    cases = plain_cases(16, seed=7)
+    images = []
+    for case in cases:
+        code, out = webui.call("POST", "/sdapi/v1/txt2img", {
+            "prompt": case.prompt, "seed": case.seed, "steps": 20, "cfg_scale": 7, "width": 64, "height": 64,
+            "sampler_name": "Euler"})
+        assert code == 200, out
+        images.append(Image.open(io.BytesIO(base64.b64decode(out["images"][0]))).convert("RGB"))
+    figures = score(classify(load_classifier(assets.classifier_file()), images), cases)
+    # chance is 1/8 for shape and colour; the standalone engine's figures are in the README
+    assert figures["shape"] >= 0.6 and figures["colour"] >= 0.5 and figures["background"] >= 0.7, figures
+
+
+def test_bench_quality_runs_its_loop_through_the_webui(webui, tmp_path):
+    from lib_ti.micro.quality import QualityConfig
+
+    webui.use_model("sd1", "micro-sd.safetensors")
+    concept = QualityConfig().concept
+    proc = subprocess.run(
+        [sys.executable, "-m", "lib_ti", "bench", "quality", "--engine", "webui", "--webui-url", webui.base,
+         "--webui-auth", f"{USER}:{PASSWORD}", "--steps", "100", "--eval-every", "50", "--renders", "8",
+         "--out", str(tmp_path / "bq"), "--json", str(tmp_path / "r.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr + webui.tail()
+    report = json.loads((tmp_path / "r.json").read_text())
+    rows = {r["label"]: r for r in report["rows"]}
+    assert list(rows) == ["init word 'shape'", "step 50", "step 100", f"word '{concept}'"]
+    assert report["engine"] == "webui" and report["model"].startswith("micro-sd") and report["steps_done"] == 100
+    # the learned token draws the concept far more often than the init word it started from
+    assert rows["step 100"]["shape"] >= rows["init word 'shape'"]["shape"] + 0.25, report["rows"]
+    assert Path(report["embedding"]) == webui.data_dir / "embeddings" / f"my-{concept}.safetensors"

@@ -1,0 +1,305 @@
+"""``python -m lib_ti bench quality``: does textual inversion learn the concept? A number, on a CPU.
+
+On the micro model (``lib_ti/assets/micro-sd``), an embedding for one shape (the concept) is
+trained from a handful of generator images of that shape in mixed colours, through the project's
+trainer at its default settings. Every checkpoint then renders the same prompts that put the token
+in new contexts ("a <token> in yellow on a black background"), and the classifier scores them:
+
+* shape accuracy: the render shows the concept's shape;
+* colour-follows-prompt: the shape has the colour the prompt asked for (the embedding must not
+  overwrite the rest of the prompt); background-follows-prompt likewise;
+* baseline: step 0, the init word's vectors; reference: the concept's own word ("triangle"), i.e.
+  what the pretrained model does when told plainly: the ceiling an embedding can reach.
+
+The default concept is the triangle: a shape the micro model draws when told plainly (so the
+figure measures the embedding, not the model), and one the init word "shape" rarely gives. The
+star and the cross are the model's weakest shapes: their thin arms are finer than the 8x8 latent,
+so even "a red star" comes out a star only about half the time (README, figures per concept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..errors import PREFIX, TIError
+from .evaluate import Case, render, score
+from .shapes import COLOUR_NAMES, SHAPES, draw, random_scene
+
+ENGINES = ("standalone", "webui")  # here, or through a running webui's API (micro/webui_target.py)
+TOKEN_TEMPLATES = ("a {token} in {colour} on a {background} background", "a {colour} {token} on a {background} background")
+GRID_COLUMNS = 8
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    concept: str = "triangle"
+    init_text: str = "shape"  # the world's neutral word: "a shape" is any of the eight
+    num_images: int = 5
+    steps: int = 500
+    eval_every: int = 100
+    renders: int = 64  # prompts per checkpoint (each colour 8 times): at 32, one render moves a figure by 0.03
+    sampler_steps: int = 20  # the trainer's default preview_steps
+    cfg_scale: float = 7.0  # the trainer's default preview_cfg_scale
+    seed: int = 0
+    out: str = "outputs/bench-quality"
+
+    def __post_init__(self) -> None:
+        if self.concept not in SHAPES:
+            raise TIError(f"bench quality concept {self.concept!r} is not a shape of the micro world; use one of "
+                          f"{', '.join(SHAPES)}")
+        for name in ("num_images", "steps", "eval_every", "renders", "sampler_steps"):
+            if getattr(self, name) < 1:
+                raise TIError(f"bench quality {name}={getattr(self, name)} is invalid: use a whole number >= 1")
+
+    @property
+    def token(self) -> str:
+        return f"my-{self.concept}"
+
+    @property
+    def eval_steps(self) -> list[int]:
+        return sorted({*range(self.eval_every, self.steps, self.eval_every), self.steps})
+
+
+# ---------------------------------------------------------------------- the pieces
+def write_concept_images(cfg: QualityConfig, folder: Path) -> Path:
+    """``num_images`` pictures of the concept, each in a different colour, on random backgrounds."""
+    from .grid import save_png
+
+    rng = random.Random(f"quality-images-{cfg.seed}")
+    colours = list(COLOUR_NAMES)
+    rng.shuffle(colours)
+    for i in range(cfg.num_images):
+        scene = random_scene(rng, shape=cfg.concept, colour=colours[i % len(colours)])
+        save_png(draw(scene), folder / f"{cfg.concept}-{i:02d}.png")
+    return folder
+
+
+def token_cases(cfg: QualityConfig, word: str) -> list[Case]:
+    """The evaluation prompts with ``word`` for the shape: every colour equally often, both phrasings."""
+    rng = random.Random(f"quality-prompts-{cfg.seed}")
+    cases = []
+    for i in range(cfg.renders):
+        colour = COLOUR_NAMES[i % len(COLOUR_NAMES)]
+        background = rng.choice([c for c in COLOUR_NAMES if c != colour])
+        template = TOKEN_TEMPLATES[(i // len(COLOUR_NAMES)) % len(TOKEN_TEMPLATES)]
+        prompt = template.format(token=word, colour=colour, background=background)
+        cases.append(Case(prompt, cfg.concept, colour, background, 10_000 + cfg.seed * 1000 + i))
+    return cases
+
+
+def train_config(cfg: QualityConfig, model: str, data_dir: Path, output_dir: str):
+    """The trainer's defaults, except what names this run, where it lives, the model's 64px size and
+    keeping every ``eval_every`` checkpoint (bookkeeping, not training)."""
+    from ..config import TrainConfig
+
+    return TrainConfig(name=cfg.token, init_text=cfg.init_text, model=model, data_dir=str(data_dir),
+                       output_dir=output_dir, overwrite=True, steps=cfg.steps, width=64, height=64,
+                       save_every=cfg.eval_every, keep_last=0, preview_every=0, seed=cfg.seed)
+
+
+@dataclass(frozen=True)
+class Trained:
+    steps_done: int
+    embedding: str
+
+
+class StandaloneTarget:
+    """The loop runs here, on the standalone engine; renders take its preview path with the vectors spliced in."""
+
+    name = "standalone"
+
+    def __init__(self, engine, model: str, *, progress_bar: bool = False) -> None:
+        self.engine, self.model, self.progress_bar = engine, model, progress_bar
+        self.run_dir: Path | None = None
+
+    def train(self, cfg: QualityConfig, data_dir: Path) -> tuple[Trained, object]:
+        from ..trainer import train
+
+        tcfg = train_config(cfg, self.model, data_dir, str(Path(cfg.out) / "run"))
+        self.run_dir = tcfg.run_dir
+        if self.progress_bar:
+            result = train_with_bar(self.engine, tcfg)
+        else:
+            result = train(self.engine, tcfg)
+        return Trained(result.steps_done, str(result.final_path)), tcfg
+
+    def render(self, cfg: QualityConfig, cases: list[Case], step: int | None) -> list:
+        """``step`` 0: the init word's vectors; a step: that checkpoint; None: the cases name the shape plainly."""
+        if step is None:
+            vectors = self.engine.init_vectors("", 1)
+        elif step == 0:
+            vectors = self.engine.init_vectors(cfg.init_text, 1)
+        else:
+            vectors = checkpoint_vectors(self.engine, self.run_dir, cfg.token, step)
+        return render(self.engine, cases, token=cfg.token, vectors=vectors, steps=cfg.sampler_steps,
+                      cfg_scale=cfg.cfg_scale)
+
+
+def checkpoint_vectors(engine, run_dir: Path, name: str, step: int):
+    from ..embedding import match_to_model
+    from ..embedding_io import load_embedding
+
+    path = run_dir / "checkpoints" / f"{name}-{step}.safetensors"
+    return match_to_model(load_embedding(path), engine.encoder_widths).vectors
+
+
+# ---------------------------------------------------------------------- the benchmark
+@dataclass
+class Row:
+    label: str  # "init word 'shape'", "step 100", "word 'triangle'"
+    step: int | None
+    figures: dict[str, float]
+    images: list
+
+
+def run_quality(target, classifier, cfg: QualityConfig, *, progress: Callable[[str], None] = lambda _msg: None) -> dict:
+    """Train through ``target``, render every checkpoint, score; write the grid and ``report.json`` under ``cfg.out``."""
+    out = Path(cfg.out)
+    t0 = time.perf_counter()
+    data_dir = write_concept_images(cfg, out / "images")
+    progress(f"training {cfg.token!r} from {cfg.num_images} images of a {cfg.concept}, init word {cfg.init_text!r}")
+    t_train = time.perf_counter()
+    trained, tcfg = target.train(cfg, data_dir)
+    train_s = time.perf_counter() - t_train
+    rows = _render_rows(target, classifier, cfg, progress)
+    report = _report(cfg, tcfg, rows, trained, train_s, time.perf_counter() - t0, target)
+    report["grid"] = str(_write_grid(cfg, rows, out / "grid.png"))
+    from ..fileio import write_text
+
+    write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _render_rows(target, classifier, cfg: QualityConfig, progress) -> list[Row]:
+    from .classifier import classify
+
+    token_prompts = token_cases(cfg, cfg.token)
+    plans = [(f"init word '{cfg.init_text}'", 0, token_prompts)]
+    plans += [(f"step {s}", s, token_prompts) for s in cfg.eval_steps]
+    plans.append((f"word '{cfg.concept}'", None, token_cases(cfg, cfg.concept)))
+    rows = []
+    for label, step, cases in plans:
+        progress(f"rendering {len(cases)} prompts: {label}")
+        images = target.render(cfg, cases, step)
+        rows.append(Row(label, step, score(classify(classifier, images), cases), images))
+    return rows
+
+
+def _report(cfg: QualityConfig, tcfg, rows: list[Row], trained: Trained, train_s: float, total_s: float,
+            target) -> dict:
+    from ..config import TrainConfig
+
+    defaults = TrainConfig().to_dict()
+    changed = {k: v for k, v in tcfg.to_dict().items() if v != defaults[k]}
+    figures = [{"label": r.label, "step": r.step, **{k: round(v, 4) for k, v in r.figures.items()}} for r in rows]
+    return {
+        "bench": asdict(cfg), "engine": target.name, "model": target.model, "token": cfg.token,
+        "prompts": list(TOKEN_TEMPLATES), "train_settings_not_default": changed, "steps_done": trained.steps_done,
+        "embedding": trained.embedding, "train_wall_s": round(train_s, 1), "total_wall_s": round(total_s, 1),
+        "rows": figures,
+    }
+
+
+def _write_grid(cfg: QualityConfig, rows: list[Row], path: Path) -> Path:
+    from .grid import image_grid, save_png
+
+    labels = [f"{r.label}\nshape {r.figures['shape']:.2f}\ncolour {r.figures['colour']:.2f}\n"
+              f"background {r.figures['background']:.2f}" for r in rows]
+    title = (f"{cfg.token} (init '{cfg.init_text}', {cfg.num_images} images of a {cfg.concept}): "
+             f"'{TOKEN_TEMPLATES[0]}', first {GRID_COLUMNS} of {cfg.renders} prompts")
+    return save_png(image_grid([r.images[:GRID_COLUMNS] for r in rows], labels, title), path)
+
+
+def format_report(report: dict) -> str:
+    lines = [f"{'':<22}{'shape':>7}{'colour':>8}{'backgr.':>9}{'all':>6}"]
+    for r in report["rows"]:
+        lines.append(f"{r['label']:<22}{r['shape']:>7.2f}{r['colour']:>8.2f}{r['background']:>9.2f}{r['all']:>6.2f}")
+    bench = report["bench"]
+    lines += [
+        f"renders       {bench['renders']} prompts per row ({bench['sampler_steps']} Euler steps, cfg {bench['cfg_scale']}): "
+        + " | ".join(report["prompts"]),
+        f"training      {report['steps_done']} steps in {report['train_wall_s']:.1f}s; settings other than the "
+        f"defaults: {report['train_settings_not_default']}",
+        f"engine        {report['engine']} on {report['model']}",
+        f"total         {report['total_wall_s']:.1f}s; grid {report['grid']}; embedding {report['embedding']}",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- command line
+def add_parser(kinds) -> None:
+    quality = kinds.add_parser("quality", help="train an embedding on the micro model and score renders of it "
+                               "(shape accuracy per step, colour-follows-prompt, init-word baseline)",
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = QualityConfig()
+    quality.add_argument("--engine", default="standalone", choices=ENGINES,
+                         help="who runs the loop: this process (standalone) or a running webui with this extension")
+    quality.add_argument("--webui-url", default="http://127.0.0.1:7860", help="--engine webui: the webui (started with --api)")
+    quality.add_argument("--webui-auth", help="--engine webui: user:password if the webui uses --api-auth")
+    quality.add_argument("--model", help="a micro-world model: diffusers folder or single file (default: the shipped one)")
+    quality.add_argument("--classifier", help="the shapes classifier (default: the shipped one)")
+    quality.add_argument("--concept", default=d.concept, choices=SHAPES)
+    quality.add_argument("--init-text", default=d.init_text)
+    for name in ("num_images", "steps", "eval_every", "renders", "sampler_steps", "seed"):
+        quality.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
+    quality.add_argument("--cfg-scale", type=float, default=d.cfg_scale)
+    quality.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the micro model's tensors are too small to split between cores)")
+    quality.add_argument("--out", default=d.out, help="folder for the images, the run, grid.png and report.json")
+    quality.add_argument("--json", dest="json_out", help="also copy report.json here")
+    quality.set_defaults(run=run_quality_command)
+
+
+def run_quality_command(args: argparse.Namespace) -> int:
+    from . import assets
+    from .classifier import load_classifier
+
+    cfg = QualityConfig(concept=args.concept, init_text=args.init_text, num_images=args.num_images, steps=args.steps,
+                        eval_every=args.eval_every, renders=args.renders, sampler_steps=args.sampler_steps,
+                        cfg_scale=args.cfg_scale, seed=args.seed, out=args.out)
+    say = lambda msg: print(f"{PREFIX} {msg}", file=sys.stderr)  # noqa: E731
+    classifier = load_classifier(args.classifier or assets.classifier_file())
+    if args.engine == "webui":
+        if args.model:
+            raise TIError("--model is for --engine standalone; the webui trains on the checkpoint it has loaded")
+        from .webui_target import WebuiTarget
+
+        target = WebuiTarget(args.webui_url, args.webui_auth, progress=say)
+    else:
+        model = args.model or str(assets.model_folder())
+        target = StandaloneTarget(load_micro_engine(model, args.threads), model, progress_bar=True)
+    report = run_quality(target, classifier, cfg, progress=say)
+    print(format_report(report))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def load_micro_engine(model: str, threads: int = 1):
+    """The micro model on the CPU. One thread by default: its tensors (8x8 latents, 64 channels) are too
+    small to split between cores, and a second thread that waits for a busy core made renders 30x slower
+    on a shared 2-core machine (measured)."""
+    if threads < 1:
+        raise TIError(f"--threads must be at least 1, got {threads}")
+    import torch
+
+    from ..engines.standalone import StandaloneEngine
+
+    torch.set_num_threads(threads)
+    return StandaloneEngine.load(model, device=torch.device("cpu"))
+
+
+def train_with_bar(engine, tcfg):
+    """The trainer with the console progress bar the ``train`` command shows."""
+    from ..progress import ConsoleProgress
+    from ..trainer import train
+
+    with ConsoleProgress() as bar:
+        return train(engine, tcfg, on_event=bar)
+
