@@ -179,3 +179,23 @@ def test_bench_quality_through_a_webui_that_is_not_there_says_so(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lib_ti", "bench", "quality", "--engine", "webui", "--model", "x"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "--model is for --engine standalone" in proc.stderr, proc.stderr
+
+
+def test_bench_quality_compares_trainer_settings_but_keeps_its_own(tmp_path):
+    from lib_ti.errors import TIError
+    from lib_ti.micro.quality import QualityConfig, parse_train_settings, train_config, write_concept_images
+
+    settings = parse_train_settings(["template=captions", "learning-rate=0.002", "num_vectors=2"])
+    assert settings == (("template", "captions"), ("learning_rate", 0.002), ("num_vectors", 2))
+    tcfg = train_config(QualityConfig(train_settings=settings), "m", tmp_path, "run")
+    assert (tcfg.template, tcfg.learning_rate, tcfg.num_vectors, tcfg.steps) == ("captions", "0.002", 2, 500)
+    with pytest.raises(TIError, match="set by the benchmark itself"):
+        QualityConfig(train_settings=(("steps", 10),))
+    with pytest.raises(TIError, match="unknown config key"):
+        train_config(QualityConfig(train_settings=(("nonsense", 1),)), "m", tmp_path, "run")
+    with pytest.raises(TIError, match="KEY=VALUE"):
+        parse_train_settings(["template"])
+    # every image has the caption that names all but the concept; the default templates ignore it
+    write_concept_images(QualityConfig(num_images=3), tmp_path / "images")
+    captions = sorted(p.read_text().strip() for p in (tmp_path / "images").glob("*.txt"))
+    assert len(captions) == 3 and all(c.startswith("a ") and " [name] on a " in c for c in captions), captions

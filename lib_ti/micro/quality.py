@@ -35,6 +35,9 @@ from .shapes import COLOUR_NAMES, SHAPES, draw, random_scene
 ENGINES = ("standalone", "webui")  # here, or through a running webui's API (micro/webui_target.py)
 TOKEN_TEMPLATES = ("a {token} in {colour} on a {background} background", "a {colour} {token} on a {background} background")
 GRID_COLUMNS = 8
+# Set by the benchmark: naming, paths, the model's size, the checkpoints it scores.
+BENCH_KEYS = frozenset({"name", "init_text", "model", "data_dir", "output_dir", "overwrite", "steps", "width", "height",
+                        "save_every", "keep_last", "preview_every", "seed"})
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,9 @@ class QualityConfig:
     cfg_scale: float = 7.0  # the trainer's default preview_cfg_scale
     seed: int = 0
     out: str = "outputs/bench-quality"
+    # Trainer settings to compare against the defaults, e.g. (("template", "captions"),); the keys the
+    # benchmark sets itself (BENCH_KEYS) cannot be changed here.
+    train_settings: tuple[tuple[str, object], ...] = ()
 
     def __post_init__(self) -> None:
         if self.concept not in SHAPES:
@@ -57,6 +63,10 @@ class QualityConfig:
         for name in ("num_images", "steps", "eval_every", "renders", "sampler_steps"):
             if getattr(self, name) < 1:
                 raise TIError(f"bench quality {name}={getattr(self, name)} is invalid: use a whole number >= 1")
+        for key, _ in self.train_settings:
+            if key in BENCH_KEYS:
+                raise TIError(f"bench quality --train-set {key}=... is set by the benchmark itself; use its own flags "
+                              "(--steps, --eval-every, --seed, --init-text) or leave it")
 
     @property
     def token(self) -> str:
@@ -69,7 +79,10 @@ class QualityConfig:
 
 # ---------------------------------------------------------------------- the pieces
 def write_concept_images(cfg: QualityConfig, folder: Path) -> Path:
-    """``num_images`` pictures of the concept, each in a different colour, on random backgrounds."""
+    """``num_images`` pictures of the concept, each in a different colour, on random backgrounds, each
+    with the caption that names everything but the concept ("a red [name] on a blue background"): the
+    default templates ignore it, ``--train-set template=captions`` trains with it."""
+    from ..fileio import write_text
     from .grid import save_png
 
     rng = random.Random(f"quality-images-{cfg.seed}")
@@ -77,7 +90,8 @@ def write_concept_images(cfg: QualityConfig, folder: Path) -> Path:
     rng.shuffle(colours)
     for i in range(cfg.num_images):
         scene = random_scene(rng, shape=cfg.concept, colour=colours[i % len(colours)])
-        save_png(draw(scene), folder / f"{cfg.concept}-{i:02d}.png")
+        image = save_png(draw(scene), folder / f"{cfg.concept}-{i:02d}.png")
+        write_text(image.with_suffix(".txt"), f"a {scene.colour} [name] on a {scene.background} background\n")
     return folder
 
 
@@ -95,13 +109,14 @@ def token_cases(cfg: QualityConfig, word: str) -> list[Case]:
 
 
 def train_config(cfg: QualityConfig, model: str, data_dir: Path, output_dir: str):
-    """The trainer's defaults, except what names this run, where it lives, the model's 64px size and
-    keeping every ``eval_every`` checkpoint (bookkeeping, not training)."""
+    """The trainer's defaults, except what names this run, where it lives, the model's 64px size,
+    keeping every ``eval_every`` checkpoint (bookkeeping, not training) and ``cfg.train_settings``."""
     from ..config import TrainConfig
 
-    return TrainConfig(name=cfg.token, init_text=cfg.init_text, model=model, data_dir=str(data_dir),
-                       output_dir=output_dir, overwrite=True, steps=cfg.steps, width=64, height=64,
-                       save_every=cfg.eval_every, keep_last=0, preview_every=0, seed=cfg.seed)
+    return TrainConfig.from_dict({
+        "name": cfg.token, "init_text": cfg.init_text, "model": model, "data_dir": str(data_dir),
+        "output_dir": output_dir, "overwrite": True, "steps": cfg.steps, "width": 64, "height": 64,
+        "save_every": cfg.eval_every, "keep_last": 0, "preview_every": 0, "seed": cfg.seed, **dict(cfg.train_settings)})
 
 
 @dataclass(frozen=True)
@@ -251,6 +266,9 @@ def add_parser(kinds) -> None:
         quality.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
     quality.add_argument("--cfg-scale", type=float, default=d.cfg_scale)
     quality.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the micro model's tensors are too small to split between cores)")
+    quality.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
+                         help="a trainer setting other than its default, to compare (repeatable; VALUE is read as "
+                         "YAML): e.g. --train-set template=captions --train-set learning_rate=0.002")
     quality.add_argument("--out", default=d.out, help="folder for the images, the run, grid.png and report.json")
     quality.add_argument("--json", dest="json_out", help="also copy report.json here")
     quality.set_defaults(run=run_quality_command)
@@ -262,7 +280,9 @@ def run_quality_command(args: argparse.Namespace) -> int:
 
     cfg = QualityConfig(concept=args.concept, init_text=args.init_text, num_images=args.num_images, steps=args.steps,
                         eval_every=args.eval_every, renders=args.renders, sampler_steps=args.sampler_steps,
-                        cfg_scale=args.cfg_scale, seed=args.seed, out=args.out)
+                        cfg_scale=args.cfg_scale, seed=args.seed, out=args.out,
+                        train_settings=parse_train_settings(args.train_set))
+    train_config(cfg, "", Path(cfg.out), "run")  # a bad setting fails here, before any model loads
     say = lambda msg: print(f"{PREFIX} {msg}", file=sys.stderr)  # noqa: E731
     classifier = load_classifier(args.classifier or assets.classifier_file())
     if args.engine == "webui":
@@ -279,6 +299,18 @@ def run_quality_command(args: argparse.Namespace) -> int:
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+def parse_train_settings(items: list[str]) -> tuple[tuple[str, object], ...]:
+    import yaml
+
+    settings = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise TIError(f"--train-set {item!r} must be KEY=VALUE, e.g. template=captions")
+        settings.append((key.strip().replace("-", "_"), yaml.safe_load(value) if value.strip() else ""))
+    return tuple(settings)
 
 
 def load_micro_engine(model: str, threads: int = 1):
