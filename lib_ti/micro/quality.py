@@ -132,13 +132,12 @@ class StandaloneTarget:
 
     def __init__(self, engine, model: str, *, progress_bar: bool = False) -> None:
         self.engine, self.model, self.progress_bar = engine, model, progress_bar
-        self.run_dir: Path | None = None
+        self.tcfg = None  # the run's TrainConfig, once trained
 
     def train(self, cfg: QualityConfig, data_dir: Path) -> tuple[Trained, object]:
         from ..trainer import train
 
-        tcfg = train_config(cfg, self.model, data_dir, str(Path(cfg.out) / "run"))
-        self.run_dir = tcfg.run_dir
+        tcfg = self.tcfg = train_config(cfg, self.model, data_dir, str(Path(cfg.out) / "run"))
         if self.progress_bar:
             result = train_with_bar(self.engine, tcfg)
         else:
@@ -152,16 +151,17 @@ class StandaloneTarget:
         elif step == 0:
             vectors = self.engine.init_vectors(cfg.init_text, 1)
         else:
-            vectors = checkpoint_vectors(self.engine, self.run_dir, cfg.token, step)
+            vectors = checkpoint_vectors(self.engine, self.tcfg, step)
         return render(self.engine, cases, token=cfg.token, vectors=vectors, steps=cfg.sampler_steps,
                       cfg_scale=cfg.cfg_scale)
 
 
-def checkpoint_vectors(engine, run_dir: Path, name: str, step: int):
+def checkpoint_vectors(engine, tcfg, step: int):
+    from ..checkpoints import checkpoint_dir
     from ..embedding import match_to_model
     from ..embedding_io import load_embedding
 
-    path = run_dir / "checkpoints" / f"{name}-{step}.safetensors"
+    path = checkpoint_dir(tcfg.run_dir) / f"{tcfg.name}-{step}.{tcfg.save_format}"
     return match_to_model(load_embedding(path), engine.encoder_widths).vectors
 
 
