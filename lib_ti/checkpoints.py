@@ -35,19 +35,22 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def checkpoint_path(run_dir: Path, name: str, step: int, fmt: str) -> Path:
+    """The embedding file of ``name``'s checkpoint at ``step`` (its state file lies beside it)."""
+    return checkpoint_dir(run_dir) / f"{name}-{step}.{fmt}"
+
+
 def save_checkpoint(run_dir: Path, emb: Embedding, state: TrainingState, fmt: str, keep_last: int) -> Path:
     """Write the embedding and its state atomically, then prune old checkpoints. Returns the embedding path."""
     from .embedding_io import save_embedding
 
-    folder = checkpoint_dir(run_dir)
-    stem = f"{emb.name}-{state.step}"
-    emb_path = save_embedding(emb, folder / f"{stem}.{fmt}", overwrite=True)
+    emb_path = save_embedding(emb, checkpoint_path(run_dir, emb.name, state.step, fmt), overwrite=True)
     payload = {"version": STATE_VERSION, "step": state.step, "vectors": state.vectors, "optimizer": state.optimizer,
                "scaler": state.scaler, "config": state.config, "pending_losses": state.pending_losses}
-    with atomic_path(folder / f"{stem}.state.pt") as tmp:
+    with atomic_path(emb_path.with_name(f"{emb.name}-{state.step}.state.pt")) as tmp:
         torch.save(payload, tmp)
     if keep_last:
-        _prune(folder, emb.name, keep_last)
+        _prune(checkpoint_dir(run_dir), emb.name, keep_last)
     return emb_path
 
 

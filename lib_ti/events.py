@@ -31,8 +31,9 @@ class Step:
 @dataclass
 class Saved:
     step: int
-    path: Path
+    path: Path  # the final embedding file when is_final, else the checkpoint
     is_final: bool = False
+    checkpoint: Path | None = None  # this step's checkpoint embedding in the run's checkpoints/ (final saves too)
 
 
 @dataclass

@@ -225,10 +225,11 @@ class _Run:
         emb = self.embedding()
         state = TrainingState(self.step, emb.vectors, self.optimizer.state_dict(), self.scaler.state_dict()
                               if self.scaler.is_enabled() else None, self.cfg.to_dict(), self.log.pending_values())
-        path = save_checkpoint(self.run_dir, emb, state, self.cfg.save_format, self.cfg.keep_last)
+        checkpoint = save_checkpoint(self.run_dir, emb, state, self.cfg.save_format, self.cfg.keep_last)
+        path = checkpoint
         if is_final:
             path = save_embedding(emb, self.run_dir / f"{self.cfg.name}.{self.cfg.save_format}", overwrite=True)
-        self.emit(events.Saved(self.step, path, is_final))
+        self.emit(events.Saved(self.step, path, is_final, checkpoint))
         return path
 
     def save_after_error(self) -> None:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from .. import events
-from ..checkpoints import checkpoint_dir, list_states
+from ..checkpoints import list_states
 from ..config import TrainConfig
 from ..data import prepare_data
 from ..errors import TIError
@@ -166,13 +166,10 @@ class _Publisher:
         elif isinstance(event, events.Preview):
             a1111.progress_image(event.image)
         elif isinstance(event, events.Saved):
-            if event.is_final:  # the last step is a checkpoint like the others, besides being the final file
+            if event.is_final:
                 self.final = Path(event.path)
-                last = checkpoint_dir(self.cfg.run_dir) / f"{self.cfg.name}-{event.step}.{self.cfg.save_format}"
-                if last.is_file():
-                    self._publish_checkpoint(last)
-            else:
-                self._publish_checkpoint(Path(event.path))
+            if event.checkpoint is not None:  # the last step is a checkpoint like the others, final or not
+                self._publish_checkpoint(Path(event.checkpoint))
 
     def _publish_checkpoint(self, path: Path) -> None:
         folder = checkpoint_folder(self.cfg)

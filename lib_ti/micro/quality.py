@@ -157,11 +157,11 @@ class StandaloneTarget:
 
 
 def checkpoint_vectors(engine, tcfg, step: int):
-    from ..checkpoints import checkpoint_dir
+    from ..checkpoints import checkpoint_path
     from ..embedding import match_to_model
     from ..embedding_io import load_embedding
 
-    path = checkpoint_dir(tcfg.run_dir) / f"{tcfg.name}-{step}.{tcfg.save_format}"
+    path = checkpoint_path(tcfg.run_dir, tcfg.name, step, tcfg.save_format)
     return match_to_model(load_embedding(path), engine.encoder_widths).vectors
 
 
