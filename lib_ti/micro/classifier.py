@@ -71,9 +71,14 @@ def to_pixels(images: Sequence) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1
 
 
+def label_tensors(scenes: Sequence[Scene]) -> dict[str, torch.Tensor]:
+    """Each head's class indices for ``scenes``."""
+    return {name: torch.tensor([values.index(getattr(s, name)) for s in scenes]) for name, values in HEADS.items()}
+
+
 def labelled_batch(rng: random.Random, n: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[Scene]]:
     scenes = [random_scene(rng) for _ in range(n)]
-    labels = {name: torch.tensor([values.index(getattr(s, name)) for s in scenes]) for name, values in HEADS.items()}
+    labels = label_tensors(scenes)
     return to_pixels([draw(s) for s in scenes]), labels, scenes
 
 
@@ -129,7 +134,7 @@ def vae_round_trips(vae, scenes: Sequence[Scene], latent_means: torch.Tensor, sc
     """Decode the (scaled) latent means of ``scenes``: what the VAE makes of the true images."""
     decoded = [vae.decode(latent_means[i:i + batch] / scaling).sample.clamp(-1, 1)
                for i in range(0, len(scenes), batch)]
-    labels = {name: torch.tensor([values.index(getattr(s, name)) for s in scenes]) for name, values in HEADS.items()}
+    labels = label_tensors(scenes)
     return RoundTrips(torch.cat(decoded), labels)
 
 
@@ -172,22 +177,24 @@ def classify(model: ShapeClassifier, images: Sequence) -> list[Prediction]:
 
 def accuracy_on_fresh_images(model: ShapeClassifier, n: int, seed: int) -> dict[str, float]:
     """Accuracy per head on ``n`` clean generator images never used in training (a separate seed stream)."""
-    _, _, scenes = labelled_batch(random.Random(f"classifier-test-{seed}"), n)
-    predictions = classify(model, [draw(s) for s in scenes])
-    return {name: sum(getattr(p, name) == getattr(s, name) for p, s in zip(predictions, scenes)) / n
-            for name in HEADS}
+    rng = random.Random(f"classifier-test-{seed}")
+    scenes = [random_scene(rng) for _ in range(n)]
+    return _accuracy(classify(model, [draw(s) for s in scenes]), scenes)
 
 
 @torch.no_grad()
 def accuracy_on_round_trips(model: ShapeClassifier, vae, n: int, seed: int) -> dict[str, float]:
     """Accuracy per head on ``n`` fresh generator images passed through ``vae`` (encode, decode): how well it
     judges what the decoder draws, short of judging renders themselves."""
-    _, _, scenes = labelled_batch(random.Random(f"classifier-round-trip-test-{seed}"), n)
-    means = torch.cat([vae.encode(to_pixels([draw(s) for s in scenes[i:i + 64]])).latent_dist.mean
-                       for i in range(0, n, 64)])
+    pixels, _, scenes = labelled_batch(random.Random(f"classifier-round-trip-test-{seed}"), n)
+    means = torch.cat([vae.encode(pixels[i:i + 64]).latent_dist.mean for i in range(0, n, 64)])
     pixels = vae_round_trips(vae, scenes, means, 1.0).pixels
     predictions = classify(model, [to_image(p) for p in pixels])
-    return {name: sum(getattr(p, name) == getattr(s, name) for p, s in zip(predictions, scenes)) / n
+    return _accuracy(predictions, scenes)
+
+
+def _accuracy(predictions: Sequence[Prediction], scenes: Sequence[Scene]) -> dict[str, float]:
+    return {name: sum(getattr(p, name) == getattr(s, name) for p, s in zip(predictions, scenes)) / len(scenes)
             for name in HEADS}
 
 

@@ -294,6 +294,7 @@ class _Previews:
     def __init__(self, vae, classifier, folder: Path, report: dict, n: int = 16) -> None:
         self.vae, self.classifier, self.folder, self.n = vae, classifier, folder, n
         self.scores = report.setdefault("previews", {})
+        self.tokenizer = micro.tokenizer()  # built once: it writes the vocabulary files to a temp folder
 
     def __call__(self, step: int, unet, text) -> None:
         from .evaluate import plain_cases, render, score
@@ -302,7 +303,7 @@ class _Previews:
         from ..engines.standalone import StandaloneEngine, TextEncoder
         from ..tiny import sd_scheduler
 
-        engine = StandaloneEngine(unet, self.vae, [TextEncoder("clip_l", text, micro.tokenizer())],
+        engine = StandaloneEngine(unet, self.vae, [TextEncoder("clip_l", text, self.tokenizer)],
                                   dict(sd_scheduler("epsilon").config), family="sd1", device=torch.device("cpu"),
                                   checkpoint_name=micro.NAME)
         cases = plain_cases(self.n, seed=0)
