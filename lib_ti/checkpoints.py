@@ -42,7 +42,7 @@ def checkpoint_path(run_dir: Path, name: str, step: int, fmt: str) -> Path:
 
 def save_checkpoint(run_dir: Path, emb: Embedding, state: TrainingState, fmt: str, keep_last: int) -> Path:
     """Write the embedding and its state atomically, then prune old checkpoints. Returns the embedding path."""
-    from .embedding_io import save_embedding
+    from .formats.embeddings import save_embedding
 
     emb_path = save_embedding(emb, checkpoint_path(run_dir, emb.name, state.step, fmt), overwrite=True)
     payload = {"version": STATE_VERSION, "step": state.step, "vectors": state.vectors, "optimizer": state.optimizer,

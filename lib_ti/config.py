@@ -11,12 +11,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from .buckets import bucket_sizes, side_limits
 from .errors import TIError
+from .families import ENCODER_KEYS
+from .options import option
 from .schedule import parse_schedule
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
@@ -30,122 +32,106 @@ SaveFormat = Literal["safetensors", "pt"]
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\- ]{0,63}$")
 
 
-# What each field does, for --help and the UI's tooltips.
-HELP: dict[str, str] = {
-    'name': 'the prompt word that triggers the embedding, and the file name',
-    'init_text': 'words whose token vectors start the embedding ("" = zeros)',
-    'num_vectors': 'vectors per token: more = more capacity, fewer prompt tokens left',
-    'init_from': 'an existing embedding file to continue training from',
-    'train_encoders': 'SDXL: subset of clip_l/clip_g to train; [] = all',
-    'model': 'standalone engine: diffusers folder or single-file checkpoint',
-    'data_dir': 'folder of images, with optional .txt captions or metadata.jsonl',
-    'output_dir': 'run folder: checkpoints, previews, loss.csv; "" = outputs/<name>',
-    'overwrite': 'allow replacing an existing embedding / run folder',
-    'steps': 'optimizer steps (the learning-rate schedule may end training earlier)',
-    'grad_accum': 'micro-batches per optimizer step; the loss is divided by this',
-    'learning_rate': 'webui schedule syntax: "0.05:10, 0.02:20, 0.005:200"',
-    'weight_decay': '0 keeps vector norms where the text encoder expects them',
-    'clip_value': 'threshold schedule, same syntax as the learning rate',
-    'min_snr_gamma': '0 = off; 5 is the usual value (Hang et al. 2023)',
-    'precision': 'autocast dtype: auto = bf16/fp16 on GPU, fp32 on CPU',
-    'gradient_checkpointing': 'trade ~45% speed for memory; only when memory asks',
-    'template': 'built-in set (object, style, *_filewords, captions, name) or a file',
-    'flip': 'add mirrored copies (not for asymmetric subjects such as text)',
-    'random_crops': 'crops precomputed per image when crop == "random"',
-    'keep_tokens': 'leading caption tags never shuffled or dropped',
-    'use_alpha_weight': 'PNG alpha as per-pixel loss weight',
-    'latent_sampling': 'random = resample from the cached distribution each step',
-    'save_every': '0 = only the final save',
-    'keep_last': 'checkpoints kept (0 = all); the final embedding is always kept',
-    'log_every': 'loss logging interval; each log is one device sync',
-    'preview_every': '0 = no previews',
-    'preview_prompt': '"" = the first template line with the name',
-    'preview_width': '0 = training width',
-    'batch_size': 'images per micro-batch',
-    'optimizer': 'adamw, or prodigy (needs the prodigyopt package; use learning rate 1.0 with it)',
-    'clip_mode': 'gradient clipping: none, value or norm (applied after unscaling)',
-    'seed': 'seeds data order, noise and timesteps: same seed, same run',
-    'width': 'training width in pixels (multiple of 8)',
-    'height': 'training height in pixels (multiple of 8)',
-    'crop': 'center or random crop to the training size, or squash (resize ignoring aspect, like the webui)',
-    'repeats': 'times each image is seen per epoch',
-    'shuffle_tags': 'shuffle the comma-separated tags of each caption every step',
-    'tag_dropout': 'probability of dropping each caption tag (never all)',
-    'cache_latents_to_disk': 'also keep the encoded latents in the run folder, reused by the next run on the same data',
-    'buckets': 'train each image at the 64-multiple size nearest its aspect, area <= width x height (buckets)',
-    'bucket_min_side': 'shortest bucket side, a multiple of 64 (0 = half the shorter training side)',
-    'bucket_max_side': 'longest bucket side, a multiple of 64 (0 = twice the longer training side)',
-    'save_format': 'safetensors (every tool loads it) or pt (the webui classic format)',
-    'preview_negative_prompt': 'negative prompt of the preview renders',
-    'preview_steps': 'sampling steps of a preview render',
-    'preview_sampler': 'webui: sampler of the preview renders ("" = Euler); the headless engine always uses Euler',
-    'preview_cfg_scale': 'classifier-free guidance scale of a preview render',
-    'preview_seed': 'seed of the preview renders (fixed, so previews are comparable across steps)',
-    'preview_height': '0 = training height',
-}
+# Sections group the fields in the webui tab: basics on top, the others folded.
+BASICS, TRAINING, DATA, SAVING = "Basics", "Training", "Data", "Saving and previews"
 
 
 @dataclass
 class TrainConfig:
-    # What to train
-    name: str = "my-embedding"
-    init_text: str = "*"
-    num_vectors: int = 1
-    init_from: str = ""
-    train_encoders: list[str] = field(default_factory=list)
-
-    # Where things are
-    model: str = ""
-    data_dir: str = ""
-    output_dir: str = ""
-    overwrite: bool = False
+    # What to train, from what
+    name: str = option("my-embedding", "the prompt word that triggers the embedding, and the file name",
+                       label="Embedding name", section=BASICS)
+    init_text: str = option("*", 'words whose token vectors start the embedding ("" = zeros)',
+                            label="Initialization text", section=BASICS)
+    num_vectors: int = option(1, "vectors per token: more = more capacity, fewer prompt tokens left",
+                              label="Vectors per token", section=BASICS)
+    overwrite: bool = option(False, "allow replacing an existing embedding / run folder", section=BASICS)
+    init_from: str = option("", "an existing embedding file to continue training from",
+                            label="Continue from embedding (optional)", section=BASICS)
+    data_dir: str = option("", "folder of images, with optional .txt captions or metadata.jsonl",
+                           label="Dataset folder", section=BASICS, aliases=("--data",))
+    template: str = option("object", "built-in set (object, style, *_filewords, captions, name) or a file",
+                           label="Prompt template", section=BASICS)
+    model: str = option("", "standalone engine: diffusers folder or single-file checkpoint", ui=False)
 
     # How long and how fast
-    steps: int = 1000
-    batch_size: int = 1
-    grad_accum: int = 1
-    learning_rate: str = "0.005"
-    optimizer: Optimizer = "adamw"
-    weight_decay: float = 0.0
-    clip_mode: ClipMode = "none"
-    clip_value: str = "0.1"
-    min_snr_gamma: float = 0.0
-    precision: Precision = "auto"
-    gradient_checkpointing: bool = False
-    seed: int = 0
+    steps: int = option(1000, "optimizer steps (the learning-rate schedule may end training earlier)",
+                        label="Max steps", section=TRAINING)
+    batch_size: int = option(1, "images per micro-batch", section=TRAINING)
+    grad_accum: int = option(1, "micro-batches per optimizer step; the loss is divided by this",
+                             label="Gradient accumulation", section=TRAINING)
+    learning_rate: str = option("0.005", 'webui schedule syntax: "0.05:10, 0.02:20, 0.005:200"', section=TRAINING)
+    optimizer: Optimizer = option("adamw", "adamw, or prodigy (needs the prodigyopt package; use learning rate 1.0 "
+                                  "with it)", section=TRAINING)
+    weight_decay: float = option(0.0, "0 keeps vector norms where the text encoder expects them", section=TRAINING)
+    clip_mode: ClipMode = option("none", "gradient clipping: none, value or norm (applied after unscaling)",
+                                 label="Gradient clipping", section=TRAINING)
+    clip_value: str = option("0.1", "threshold schedule, same syntax as the learning rate", label="Clipping threshold",
+                             section=TRAINING)
+    min_snr_gamma: float = option(0.0, "0 = off; 5 is the usual value (Hang et al. 2023)", label="Min-SNR gamma",
+                                  section=TRAINING)
+    precision: Precision = option("auto", "autocast dtype: auto = bf16/fp16 on GPU, fp32 on CPU", section=TRAINING,
+                                  setting=True)
+    gradient_checkpointing: bool = option(False, "trade ~45% speed for memory; only when memory asks",
+                                          section=TRAINING)
+    seed: int = option(0, "seeds data order, noise and timesteps: same seed, same run", section=TRAINING)
+    train_encoders: list[str] = option(help="SDXL: subset of clip_l/clip_g to train; [] = all", factory=list,
+                                       label="Train encoders", section=TRAINING)
 
     # Data
-    template: str = "object"
-    width: int = 512
-    height: int = 512
-    crop: Crop = "center"
-    flip: bool = False
-    random_crops: int = 4
-    repeats: int = 1
-    shuffle_tags: bool = False
-    tag_dropout: float = 0.0
-    keep_tokens: int = 0
-    use_alpha_weight: bool = False
-    latent_sampling: LatentSampling = "random"
-    cache_latents_to_disk: bool = False
-    buckets: bool = False
-    bucket_min_side: int = 0
-    bucket_max_side: int = 0
+    width: int = option(512, "training width in pixels (multiple of 8)", section=DATA)
+    height: int = option(512, "training height in pixels (multiple of 8)", section=DATA)
+    crop: Crop = option("center", "center or random crop to the training size, or squash (resize ignoring aspect, "
+                        "like the webui)", section=DATA)
+    flip: bool = option(False, "add mirrored copies (not for asymmetric subjects such as text)",
+                        label="Add flipped copies", section=DATA)
+    random_crops: int = option(4, 'crops precomputed per image when crop == "random"', label="Random crops per image",
+                               section=DATA)
+    repeats: int = option(1, "times each image is seen per epoch", label="Repeats per epoch", section=DATA)
+    shuffle_tags: bool = option(False, "shuffle the comma-separated tags of each caption every step",
+                                label="Shuffle caption tags", section=DATA)
+    tag_dropout: float = option(0.0, "probability of dropping each caption tag (never all)",
+                                label="Caption tag dropout", section=DATA)
+    keep_tokens: int = option(0, "leading caption tags never shuffled or dropped", label="Keep first tags",
+                              section=DATA)
+    use_alpha_weight: bool = option(False, "PNG alpha as per-pixel loss weight", label="Use alpha as loss weight",
+                                    section=DATA)
+    latent_sampling: LatentSampling = option("random", "random = resample from the cached distribution each step",
+                                             section=DATA)
+    cache_latents_to_disk: bool = option(False, "also keep the encoded latents in the run folder, reused by the next "
+                                         "run on the same data", section=DATA)
+    buckets: bool = option(False, "train each image at the 64-multiple size nearest its aspect, area <= width x "
+                           "height (buckets)", label="Aspect-ratio buckets", section=DATA)
+    bucket_min_side: int = option(0, "shortest bucket side, a multiple of 64 (0 = half the shorter training side)",
+                                  section=DATA)
+    bucket_max_side: int = option(0, "longest bucket side, a multiple of 64 (0 = twice the longer training side)",
+                                  section=DATA)
 
     # Saving and previews
-    save_every: int = 500
-    keep_last: int = 3
-    save_format: SaveFormat = "safetensors"
-    log_every: int = 10
-    preview_every: int = 500
-    preview_prompt: str = ""
-    preview_negative_prompt: str = ""
-    preview_steps: int = 20
-    preview_sampler: str = ""
-    preview_cfg_scale: float = 7.0
-    preview_seed: int = 0
-    preview_width: int = 0
-    preview_height: int = 0
+    output_dir: str = option("", 'run folder: checkpoints, previews, loss.csv; "" = outputs/<name>',
+                             label="Run folder", section=SAVING)
+    save_every: int = option(500, "0 = only the final save", label="Save a checkpoint every N steps", section=SAVING,
+                             setting=True)
+    keep_last: int = option(3, "checkpoints kept (0 = all); the final embedding is always kept",
+                            label="Checkpoints kept", section=SAVING, setting=True)
+    save_format: SaveFormat = option("safetensors", "safetensors (every tool loads it) or pt (the webui classic "
+                                     "format)", section=SAVING)
+    log_every: int = option(10, "loss logging interval; each log is one device sync", label="Log the loss every N steps",
+                            section=SAVING)
+    preview_every: int = option(500, "0 = no previews", label="Preview every N steps", section=SAVING, setting=True)
+    preview_prompt: str = option("", '"" = the first template line with the name', section=SAVING, txt2img="prompt")
+    preview_negative_prompt: str = option("", "negative prompt of the preview renders", section=SAVING,
+                                          txt2img="negative_prompt")
+    preview_steps: int = option(20, "sampling steps of a preview render", label="Preview sampling steps",
+                                section=SAVING, txt2img="steps")
+    preview_sampler: str = option("", 'webui: sampler of the preview renders ("" = Euler); the headless engine always '
+                                  "uses Euler", section=SAVING, txt2img="sampler_name")
+    preview_cfg_scale: float = option(7.0, "classifier-free guidance scale of a preview render",
+                                      label="Preview CFG scale", section=SAVING, txt2img="cfg_scale")
+    preview_seed: int = option(0, "seed of the preview renders (fixed, so previews are comparable across steps)",
+                               section=SAVING, txt2img="seed")
+    preview_width: int = option(0, "0 = training width", section=SAVING, txt2img="width")
+    preview_height: int = option(0, "0 = training height", section=SAVING, txt2img="height")
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -181,7 +167,7 @@ class TrainConfig:
             _bad("weight_decay", self.weight_decay, "use 0 or a positive number")
         if self.min_snr_gamma < 0:
             _bad("min_snr_gamma", self.min_snr_gamma, "use 0 (off) or a positive number such as 5")
-        unknown = set(self.train_encoders) - {"clip_l", "clip_g", "clip_h"}
+        unknown = set(self.train_encoders) - set(ENCODER_KEYS)
         if unknown:
             _bad("train_encoders", self.train_encoders, "name encoders among clip_l, clip_g (SDXL) or leave it empty")
         self._check_buckets()

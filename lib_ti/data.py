@@ -6,7 +6,8 @@ import random
 from dataclasses import dataclass
 
 from .config import TrainConfig
-from .dataset import BucketSampler, DatasetOptions, Sample, SampleSampler, discover, load_samples
+from .images import DatasetOptions, Sample, discover, load_samples
+from .samplers import BucketSampler, SampleSampler
 from .templates import check_captions, check_templates, load_templates, pick_template, render_caption
 
 

@@ -1,10 +1,6 @@
 """The embedding itself: a name plus float32 vectors for each text encoder.
 
-Keys name the text encoder a tensor belongs to:
-
-* SD1.x  -> ``clip_l`` (768 wide on real models)
-* SD2.x  -> ``clip_h`` (the OpenCLIP ViT-H encoder, 1024 wide)
-* SDXL   -> ``clip_l`` (768) and ``clip_g`` (1280)
+Keys name the text encoder a tensor belongs to (``families``: clip_l, clip_h, clip_g).
 
 Files written by other tools for one-encoder models carry no encoder name, so a
 single tensor is matched to a one-encoder model by its width (see ``match_to_model``).
@@ -18,8 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import TIError
-
-SDXL_KEYS = ("clip_l", "clip_g")
+from .families import SDXL_KEYS
 
 
 @dataclass

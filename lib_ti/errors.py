@@ -17,6 +17,11 @@ class TIError(ValueError):
 
 def warn(message: str) -> None:
     """Print a non-fatal warning with the project prefix (to stderr, flushed)."""
+    say(f"warning: {message}")
+
+
+def say(message: str) -> None:
+    """Tell the user what is happening (loading a model, ...), with the project prefix, on stderr."""
     import sys
 
-    print(f"{PREFIX} warning: {message}", file=sys.stderr, flush=True)
+    print(f"{PREFIX} {message}", file=sys.stderr, flush=True)

@@ -176,15 +176,6 @@ def pick_template(templates: Sequence[str], rng: random.Random) -> str:
     return templates[rng.randrange(len(templates))]
 
 
-def caption_rng(seed: int, step: int, index: int = 0) -> random.Random:
-    """A ``random.Random`` that depends only on (seed, step, index): exact on resume.
-
-    String seeds are hashed with SHA-512 by ``random``, so this is stable across
-    processes and platforms (unlike ``hash()``).
-    """
-    return random.Random(f"ti-caption:{seed}:{step}:{index}")
-
-
 def render_caption(
     template: str,
     *,

@@ -123,7 +123,7 @@ class _Run:
 
     def _initial_vectors(self) -> dict[str, torch.Tensor]:
         if self.cfg.init_from:
-            from .embedding_io import load_embedding
+            from .formats.embeddings import load_embedding
 
             emb = match_to_model(load_embedding(self.cfg.init_from), self.engine.encoder_widths)
             if emb.num_vectors != self.cfg.num_vectors:
@@ -220,7 +220,7 @@ class _Run:
                          self.engine.checkpoint_name or None, {"trainer": "sd-webui-ti-trainer"})
 
     def save(self, is_final: bool) -> Path:
-        from .embedding_io import save_embedding
+        from .formats.embeddings import save_embedding
 
         emb = self.embedding()
         state = TrainingState(self.step, emb.vectors, self.optimizer.state_dict(), self.scaler.state_dict()

@@ -20,7 +20,7 @@ def tiny_model(tmp_path_factory):
     ``.safetensors`` (its ``.yaml`` and ``<stem>.diffusers`` config folder lie beside it).
     Each combination is built once per session (seed 0) and shared: treat it as read-only.
     """
-    from lib_ti.tiny import build_tiny_model
+    from lib_ti.models.tiny import build_tiny_model
 
     built: dict[tuple, Path] = {}
 

@@ -13,8 +13,9 @@ from PIL import Image, ImageDraw
 from lib_ti import buckets
 from lib_ti.config import TrainConfig
 from lib_ti.data import prepare_data
-from lib_ti.dataset import BucketSampler, DatasetOptions, ImageItem, Sample, SampleSampler, load_samples
-from lib_ti.embedding_io import load_embedding
+from lib_ti.images import DatasetOptions, ImageItem, Sample, load_samples
+from lib_ti.samplers import BucketSampler, SampleSampler
+from lib_ti.formats.embeddings import load_embedding
 from lib_ti.errors import TIError
 
 
@@ -125,7 +126,7 @@ def test_bucket_batches_never_mix_sizes_and_cover_every_image_each_epoch():
         assert sorted(i for batch in batches for i in batch) == sorted(list(range(9)) * 2)
     stream = [sampler.batch_indices(step) for step in range(27)]
     assert stream == [b for epoch in range(3) for b in sampler.epoch_batches(epoch)]
-    assert sampler.epoch_of(8) == 0 and sampler.epoch_of(9) == 1
+    assert sampler.batch_indices(8) == sampler.epoch_batches(0)[8] and sampler.batch_indices(9) == sampler.epoch_batches(1)[0]
     assert sampler.epoch_batches(0) != sampler.epoch_batches(1)
 
 
@@ -135,8 +136,8 @@ def test_bucket_sampler_is_a_pure_function_of_seed_and_step():
     b = BucketSampler(samples, batch_size=3, seed=1)
     assert a == [b.batch_indices(s) for s in reversed(range(30))][::-1]  # any order of asking
     assert a != [BucketSampler(samples, batch_size=3, seed=2).batch_indices(s) for s in range(30)]
-    resumed = BucketSampler(samples, batch_size=3, seed=1).iter_batches(start_step=17)
-    assert [next(resumed) for _ in range(13)] == a[17:]
+    resumed = BucketSampler(samples, batch_size=3, seed=1)  # a fresh sampler, asked from step 17 on
+    assert [resumed.batch_indices(s) for s in range(17, 30)] == a[17:]
     with pytest.raises(TIError, match="step"):
         b.batch_indices(-1)
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lib_ti.blip import DEFAULT_MODEL, load_blip
-from lib_ti.caption import CaptionOptions, caption_folder, compose, per_image, review_items, save_caption
+from lib_ti.dataset.blip import DEFAULT_MODEL, load_blip
+from lib_ti.dataset.caption import CaptionOptions, caption_folder, compose, per_image, review_items, save_caption
 from lib_ti.cli import main
 from lib_ti.errors import TIError
 from tricky_images import BLUE, GREEN, RED, UNICODE_NAME, halves

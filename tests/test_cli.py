@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lib_ti.bench import draw_images
+from lib_ti.bench.speed import draw_images
 from lib_ti.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,16 +1,22 @@
 import json
 
+from dataclasses import fields
+
 import pytest
 import yaml
 
-from lib_ti.config import HELP, TrainConfig, check_paths
+from lib_ti.config import TrainConfig, check_paths
+from lib_ti.options import field_help
 from lib_ti.errors import TIError
 
 
 def test_defaults_are_valid_and_every_field_is_documented():
     cfg = TrainConfig()
     assert cfg.planned_steps == cfg.steps
-    assert set(cfg.to_dict()) == set(HELP)
+    undocumented = [f.name for f in fields(TrainConfig) if not field_help(f)]
+    assert not undocumented
+    ui = [f for f in fields(TrainConfig) if f.metadata["ui"]]
+    assert all(f.metadata["section"] for f in ui), "every control of the tab belongs to a section"
 
 
 @pytest.mark.parametrize(

@@ -7,16 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lib_ti.dataset import (
-    IMAGE_EXTENSIONS,
-    DatasetOptions,
-    ImageItem,
-    Sample,
-    SampleSampler,
-    crop_boxes,
-    discover,
-    load_samples,
-)
+from lib_ti.images import IMAGE_EXTENSIONS, DatasetOptions, ImageItem, Sample, crop_boxes, discover, load_samples
+from lib_ti.samplers import SampleSampler
 from lib_ti.errors import TIError
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
@@ -351,7 +343,8 @@ def test_batches_are_the_concatenated_epochs():
     sampler = SampleSampler(samples, batch_size=4, repeats=2, seed=5)
     stream = [i for step in range(9) for i in sampler.batch_indices(step)]  # 36 draws = 6 epochs
     assert stream == [i for e in range(6) for i in sampler.epoch_order(e)]
-    assert sampler.epoch_of(0) == 0 and sampler.epoch_of(2) == 1 and sampler.epoch_of(8) == 5
+    # 6 draws per epoch, 4 per batch: step 2 takes draws 8-11 (epoch 1), step 8 draws 32-35 (epoch 5)
+    assert sampler.batch_indices(2) == sampler.epoch_order(1)[2:6] and sampler.batch_indices(8) == sampler.epoch_order(5)[2:6]
 
 
 def test_variants_are_all_used():
@@ -372,10 +365,10 @@ def test_sampler_is_deterministic_and_seed_dependent():
 
 def test_resume_is_exact():
     samples = fake_samples()
-    run = SampleSampler(samples, batch_size=2, repeats=2, seed=9).iter_batches()
-    first = [next(run) for _ in range(25)]
-    resumed = SampleSampler(samples, batch_size=2, repeats=2, seed=9).iter_batches(start_step=11)
-    assert [next(resumed) for _ in range(14)] == first[11:]
+    run = SampleSampler(samples, batch_size=2, repeats=2, seed=9)
+    first = [run.batch_indices(s) for s in range(25)]
+    resumed = SampleSampler(samples, batch_size=2, repeats=2, seed=9)  # a fresh sampler, asked from step 11 on
+    assert [resumed.batch_indices(s) for s in range(11, 25)] == first[11:]
 
 
 def test_batch_larger_than_an_epoch():

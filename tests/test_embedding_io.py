@@ -15,9 +15,10 @@ import torch
 from PIL import Image, ImageDraw, PngImagePlugin
 from safetensors.torch import save_file
 
-from lib_ti import embedding_io, inspect_cmd
+from lib_ti.cli import inspect as inspect_cmd
+from lib_ti.formats import embeddings as embedding_io
 from lib_ti.embedding import Embedding
-from lib_ti.embedding_io import load_embedding, load_embedding_details, save_embedding
+from lib_ti.formats.embeddings import load_embedding, load_embedding_details, save_embedding
 from lib_ti.errors import TIError
 
 FAMILIES = {

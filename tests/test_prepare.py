@@ -12,10 +12,10 @@ import pytest
 from PIL import Image, ImageDraw, ImageOps
 
 from lib_ti.cli import main
-from lib_ti.crops import cover_box, is_oversized, subject_box, tile_boxes
-from lib_ti.dataset import discover
+from lib_ti.dataset.crops import cover_box, is_oversized, subject_box, tile_boxes
+from lib_ti.images import discover
 from lib_ti.errors import TIError
-from lib_ti.prepare import PrepareOptions, output_stems, run, safe_stem
+from lib_ti.dataset.prepare import PrepareOptions, output_stems, run, safe_stem
 from tricky_images import BLUE, GREEN, RED, UNICODE_NAME, draw_tricky, halves
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ def prepare(src: Path, dst: Path, **kw):
 
 
 def outputs(report, variant_path: Path) -> list[Image.Image]:
-    return [Image.open(w.path) for w in report.outputs_of(variant_path)]
+    return [Image.open(w.path) for w in report.written if w.source == variant_path]
 
 
 # ---------------------------------------------------------------- every variant
@@ -105,7 +105,7 @@ def test_long_image_becomes_tiles_or_an_auto_sized_crop(tricky, tmp_path):
     auto = prepare(src, tmp_path / "auto", width=128, height=128, auto_size=True)
     (crop,) = outputs(auto, paths["banner"])
     assert crop.size == (256, 64)  # the widest bucket for a 128x128 area: as near 40:1 as the limits allow
-    assert [w.size for w in auto.outputs_of(paths["rotated"])] == [(64, 192)]  # 1:2 -> nearest bucket 1:3
+    assert [w.size for w in auto.written if w.source == paths["rotated"]] == [(64, 192)]  # 1:2 -> nearest bucket 1:3
 
 
 def test_duplicates_are_written_once_even_in_another_format(tmp_path):

@@ -5,7 +5,6 @@ import pytest
 from lib_ti.errors import TIError
 from lib_ti.templates import (
     BUILTIN_TEMPLATES,
-    caption_rng,
     check_captions,
     check_templates,
     is_filewords_only,
@@ -181,11 +180,17 @@ def test_bad_render_options_are_rejected(kw):
         render("[filewords]", "a, b", **kw)
 
 
-def test_caption_rng_depends_only_on_seed_step_index():
-    assert caption_rng(1, 5, 0).random() == caption_rng(1, 5, 0).random()
-    assert caption_rng(1, 5, 0).random() != caption_rng(1, 6, 0).random()
-    assert caption_rng(1, 5, 0).random() != caption_rng(1, 5, 1).random()
-    assert pick_template(["a", "b", "c"], caption_rng(3, 3)) == pick_template(["a", "b", "c"], caption_rng(3, 3))
+def test_caption_draws_depend_only_on_seed_step_and_micro_batch():
+    from lib_ti.trainer import step_seed
+
+    def rng(seed, step, micro=0):  # how the trainer seeds a step's caption choices
+        return random.Random(step_seed(seed, step, micro, "caption"))
+
+    assert rng(1, 5).random() == rng(1, 5).random()
+    assert rng(1, 5).random() != rng(1, 6).random()
+    assert rng(1, 5).random() != rng(1, 5, 1).random()
+    assert rng(1, 5).random() != rng(2, 5).random()
+    assert pick_template(["a", "b", "c"], rng(3, 3)) == pick_template(["a", "b", "c"], rng(3, 3))
 
 
 # ---------------------------------------------------------------- captions vs. template set

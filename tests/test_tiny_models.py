@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lib_ti.errors import TIError
-from lib_ti.tiny import FAMILIES, build_tiny_model
-from lib_ti.tokenizer_files import write_clip_tokenizer
+from lib_ti.families import NAMES as FAMILIES
+from lib_ti.models.tiny import build_tiny_model
+from lib_ti.formats.clip_tokenizer import write_clip_tokenizer
 
 CAT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]  # "a photo of a cat" with the real CLIP tokenizer
 
@@ -31,7 +32,7 @@ def _components(pipe) -> dict[str, nn.Module]:
 
 
 def _load_single_file(ckpt):
-    """The diffusers call that loads our single files fully offline (see lib_ti.tiny)."""
+    """The diffusers call that loads our single files fully offline (see lib_ti.models.tiny)."""
     config_dir = ckpt.with_name(ckpt.stem + ".diffusers")
     family = ckpt.stem.split("-")[1]
     return _pipeline_class(family).from_single_file(str(ckpt), config=str(config_dir), local_files_only=True)
@@ -74,7 +75,7 @@ def test_bad_arguments_name_the_choices(tmp_path):
 
 
 def test_same_seed_same_weights_other_seed_other_weights():
-    from lib_ti.tiny import _build_pipeline
+    from lib_ti.models.tiny import _build_pipeline
 
     first, again, other = (_build_pipeline("sd1", seed, "epsilon").text_encoder.state_dict() for seed in (0, 0, 1))
     assert all(torch.equal(first[k], again[k]) for k in first)

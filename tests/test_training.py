@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from lib_ti import events
-from lib_ti.bench import draw_images
+from lib_ti.bench.speed import draw_images
 from lib_ti.config import TrainConfig
 from lib_ti.data import prepare_data
 from lib_ti.embedding import match_to_model
-from lib_ti.embedding_io import load_embedding, save_embedding
+from lib_ti.formats.embeddings import load_embedding, save_embedding
 from lib_ti.engines.standalone import StandaloneEngine
 from lib_ti.errors import TIError
 from lib_ti.trainer import evaluate_loss, train

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from lib_ti.bench import draw_images
+from lib_ti.bench.speed import draw_images
 
 WEBUI = os.environ.get("TI_TRAINER_WEBUI_DIR", "")
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +90,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def webui(tmp_path_factory):
-    from lib_ti.tiny import build_tiny_model
+    from lib_ti.models.tiny import build_tiny_model
 
     data_dir = tmp_path_factory.mktemp("webui-data")
     models = data_dir / "models" / "Stable-diffusion"
@@ -267,7 +267,7 @@ def test_bad_requests_are_refused_before_any_work(webui, dataset, changes, messa
 
 @pytest.mark.parametrize("family, keys", [("sd2", {"clip_h"}), ("sdxl", {"clip_l", "clip_g"})])
 def test_sd2_v_and_sdxl_train_and_are_used_in_txt2img(webui, dataset, family, keys):
-    from lib_ti.embedding_io import load_embedding
+    from lib_ti.formats.embeddings import load_embedding
 
     webui.use_model(family)
     name = f"{family}tok"
@@ -287,7 +287,7 @@ def test_sd2_v_and_sdxl_train_and_are_used_in_txt2img(webui, dataset, family, ke
 
 
 def test_creating_an_sdxl_embedding_works_where_the_hosts_own_create_fails(webui):
-    from lib_ti.embedding_io import load_embedding
+    from lib_ti.formats.embeddings import load_embedding
 
     webui.use_model("sdxl")
     body = {"name": "xlnew", "init_text": "a red cube", "num_vectors": 3}

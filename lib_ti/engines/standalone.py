@@ -17,7 +17,10 @@ from typing import Any
 import torch
 
 from ..engine import PreviewRequest
-from ..errors import TIError
+from ..devices import weights_dtype
+from ..errors import TIError, say
+from ..families import encoder_key
+from ..libraries import quiet_libraries
 from ..splice import layout_prompts, spliced, spread_init_vectors
 
 
@@ -171,19 +174,15 @@ class StandaloneEngine:
         return pipe.to(self.device)
 
 
+def load_engine(model: str, device: torch.device, weights: str = "auto",
+                model_config: str | None = None) -> StandaloneEngine:
+    """``StandaloneEngine.load`` with the frozen weights' dtype from a name (auto, fp32, fp16, bf16), saying so."""
+    dtype = weights_dtype(weights, device)
+    say(f"loading {model} on {device} ({str(dtype).replace('torch.', '')})")
+    return StandaloneEngine.load(model, device=device, dtype=dtype, config_dir=model_config)
+
+
 # ---------------------------------------------------------------------- loading helpers
-def quiet_libraries() -> None:
-    """diffusers/transformers log advice meant for their own users (install accelerate, ...) and
-    per-file progress bars; our progress reporting is the trainer's events. Errors still show."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-
-
 def _alphas_cumprod(config: dict) -> torch.Tensor:
     from diffusers import DDPMScheduler
 
@@ -208,7 +207,7 @@ def _load_folder(path: Path, dtype: torch.dtype):
         tok2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **load)
         return unet, vae, [TextEncoder("clip_l", te1, tok1), TextEncoder("clip_g", te2, tok2)], sched, "sdxl"
     family = _one_encoder_family(te1, tok1)
-    return unet, vae, [TextEncoder("clip_l" if family == "sd1" else "clip_h", te1, tok1)], sched, family
+    return unet, vae, [TextEncoder(encoder_key(family), te1, tok1)], sched, family
 
 
 def _one_encoder_family(text_encoder, tokenizer) -> str:
@@ -241,7 +240,7 @@ def _load_single_file(path: Path, dtype: torch.dtype, config_dir: str | Path | N
         family = "sdxl"
     else:
         family = _one_encoder_family(pipe.text_encoder, pipe.tokenizer)
-        encoders = [TextEncoder("clip_l" if family == "sd1" else "clip_h", pipe.text_encoder, pipe.tokenizer)]
+        encoders = [TextEncoder(encoder_key(family), pipe.text_encoder, pipe.tokenizer)]
     sched = dict(pipe.scheduler.config)
     pipe.vae.float()
     return pipe.unet, pipe.vae, encoders, sched, family

@@ -25,10 +25,9 @@ import torch
 
 from ..engine import PreviewRequest
 from ..errors import TIError
+from ..families import FAMILIES
 from ..splice import spread_init_vectors
 
-# Embedding keys per family, in the order of the host's text embedders.
-ENCODER_KEYS = {"sd1": ("clip_l",), "sd2": ("clip_h",), "sdxl": ("clip_l", "clip_g")}
 OUTPUT_SUBDIR = ("textual_inversion", "ti-trainer")
 SETTINGS_SECTION = ("ti_trainer", "TI Trainer", "training")
 
@@ -42,10 +41,10 @@ class WebuiEngine:
 
         self.model = sd_model
         self.family = model_family(sd_model)
-        if self.family not in ENCODER_KEYS:
+        if self.family not in FAMILIES:
             raise TIError(f"the loaded checkpoint is {self.family.upper()}: training inside the webui supports "
                           "SD1.x, SD2.x and SDXL checkpoints; load one of those")
-        self.keys = ENCODER_KEYS[self.family]
+        self.keys = FAMILIES[self.family].encoders  # in the order of the host's text embedders
         self.prediction_type = {"eps": "epsilon", "v": "v_prediction"}[sd_model.parameterization]
         self.device = devices.device
         self.embedders = dict(zip(self.keys, _text_embedders(sd_model)))
@@ -465,34 +464,47 @@ def wrap_gpu_call(fn, extra_outputs: list):
     return wrap_gradio_gpu_call(fn, extra_outputs=extra_outputs)
 
 
-def txt2img_sampler_names() -> list[str]:
-    from modules import sd_samplers
-
-    return [s.name for s in sd_samplers.visible_samplers()]
-
-
 # ---------------------------------------------------------------------- settings
-DEFAULT_SETTINGS = {
-    # key (prefixed in the host) -> (default, label)
+# The extension's own settings: key (prefixed ti_trainer_ in the host) -> (default, label). Config fields
+# marked ``setting`` get a setting too: the default the tab starts from (``config_defaults``).
+HOST_SETTINGS = {
     "output_dir": ("", "Folder for training runs (checkpoints, previews, loss logs); empty = "
                        "textual_inversion/ti-trainer in the data folder. --ti-trainer-output-dir wins"),
     "checkpoint_subdir": ("ti-trainer", "Sub-folder of the embeddings folder for checkpoint copies (name-STEP)"),
-    "precision": ("auto", "Default precision (auto = bf16 where supported, else fp16, on GPU)"),
-    "save_every": (500, "Default: save a checkpoint every N steps (0 = only the final save)"),
-    "keep_last": (3, "Default: checkpoints kept per run (0 = all)"),
-    "preview_every": (500, "Default: render a preview every N steps (0 = none)"),
 }
+
+
+def _setting_fields() -> list:
+    from dataclasses import fields
+
+    from ..config import TrainConfig
+
+    return [f for f in fields(TrainConfig) if f.metadata.get("setting")]
+
+
+def _settings_table() -> dict[str, tuple[object, str]]:
+    from ..options import field_help, field_label
+
+    table = dict(HOST_SETTINGS)
+    for f in _setting_fields():
+        table[f.name] = (f.default, f"Default: {field_label(f)} ({field_help(f)})")
+    return table
 
 
 def register_settings() -> None:
     """Our own section of the webui's Settings, under the "training" category; keys prefixed ti_trainer_."""
+    import typing
+
     import gradio as gr
     from modules import shared
 
+    from ..config import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
     options = {}
-    for key, (default, label) in DEFAULT_SETTINGS.items():
-        if key == "precision":
-            options[key] = shared.OptionInfo(default, label, gr.Radio, {"choices": ["auto", "fp32", "fp16", "bf16"]})
+    for key, (default, label) in _settings_table().items():
+        if key in hints and typing.get_origin(hints[key]) is typing.Literal:
+            options[key] = shared.OptionInfo(default, label, gr.Radio, {"choices": list(typing.get_args(hints[key]))})
         else:
             options[key] = shared.OptionInfo(default, label)
     for key, info in shared.options_section(SETTINGS_SECTION, options).items():
@@ -502,7 +514,12 @@ def register_settings() -> None:
 def setting(key: str):
     from modules import shared
 
-    return shared.opts.data.get(f"ti_trainer_{key}", DEFAULT_SETTINGS[key][0])
+    return shared.opts.data.get(f"ti_trainer_{key}", _settings_table()[key][0])
+
+
+def config_defaults() -> dict[str, object]:
+    """The config fields whose defaults the webui owner set in Settings."""
+    return {f.name: setting(f.name) for f in _setting_fields()}
 
 
 def api_credentials() -> dict[str, str]:
@@ -579,12 +596,12 @@ def captioner(model: str | None) -> Iterator:
     would also rank CLIP terms and reset the host's job state, which a running job must keep.
     """
     if model:
-        from ..blip import load_blip
+        from ..dataset.blip import load_blip
         from modules import devices
 
         yield load_blip(model, device=str(devices.device))
         return
-    from ..caption import per_image
+    from ..dataset.caption import per_image
     from modules import devices, paths, shared
 
     weights = Path(paths.models_path) / "BLIP"
@@ -617,4 +634,4 @@ def loaded_family() -> str | None:
 
     model = sd_models.model_data.sd_model if hasattr(sd_models, "model_data") else shared.sd_model
     family = model_family(model) if model is not None else None
-    return family if family in ENCODER_KEYS else None
+    return family if family in FAMILIES else None

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import events
+from ..errors import TIError
 
 
 @dataclass
@@ -81,7 +82,7 @@ class Job:
     def fail(self, exc: BaseException) -> None:
         """The real error, for the tab and the API: never "finished" with nothing done."""
         self.state = "failed"
-        self.error = f"{type(exc).__name__}: {exc}" if not _is_ti_error(exc) else str(exc)
+        self.error = str(exc) if isinstance(exc, TIError) else f"{type(exc).__name__}: {exc}"
         self.error_detail = "".join(traceback.format_exception(exc))
         self.ended_at = time.time()
 
@@ -154,9 +155,3 @@ def _duration(seconds: float) -> str:
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
-def _is_ti_error(exc: BaseException) -> bool:
-    from ..errors import TIError
-
-    return isinstance(exc, TIError)

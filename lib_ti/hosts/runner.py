@@ -94,7 +94,7 @@ def create_embedding(cfg: TrainConfig) -> Path:
     """A new embedding at step 0 from the init text, in the embeddings folder and usable at once
     (the host's own Create fails on SDXL; this works on every family the engine supports)."""
     from ..embedding import Embedding
-    from ..embedding_io import save_embedding
+    from ..formats.embeddings import save_embedding
 
     target = final_target(cfg)
     existing = target if target.exists() else a1111.loaded_embedding_file(cfg.name)

@@ -15,7 +15,8 @@ from typing import Any
 from ..checkpoints import list_states
 from ..config import TrainConfig
 from ..errors import TIError
-from . import a1111, runner
+from . import a1111
+from . import runner
 
 PREFIX = "/ti-trainer/v1"
 

@@ -6,8 +6,14 @@ this module only builds the controls and reports into them.
 from __future__ import annotations
 
 import html
+from pathlib import Path
 
+from ..dataset.caption import CaptionOptions, caption_folder, caption_path, review_items, save_caption
+from ..dataset.prepare import COMMON, MORE, PrepareOptions
+from ..dataset.prepare import run as prepare_folder
 from ..errors import TIError
+from . import a1111
+from .widgets import ui_fields, values_to_options, widget
 
 TAB_TITLE = "TI Dataset"
 HOST_BLIP = "webui BLIP (interrogator)"
@@ -19,38 +25,21 @@ def element_id(name: str) -> str:
 
 def build_controls() -> None:
     import gradio as gr
-
-    from . import a1111
-
     with gr.Row(equal_height=False):
         with gr.Column():
-            with gr.Accordion("Prepare images", open=True):
+            with gr.Accordion(COMMON, open=True):
                 gr.HTML("<p>Writes resized, cropped, flipped and converted copies into a new folder; the source "
                         "folder is never modified. Captions beside the images are copied along.</p>")
-                src = gr.Textbox(label="Source folder", elem_id=element_id("src"))
-                dst = gr.Textbox(label="Output folder", elem_id=element_id("dst"))
-                with gr.Row():
-                    width = gr.Number(label="Width", value=512, precision=0)
-                    height = gr.Number(label="Height", value=512, precision=0)
-                    crop = gr.Dropdown(label="Crop", choices=["center", "subject"], value="center",
-                                       info="subject: a crop around the detail/saliency centre")
-                with gr.Row():
-                    auto_size = gr.Checkbox(label="Auto-size near each image's aspect", value=False)
-                    split = gr.Checkbox(label="Split oversized images into tiles", value=False)
-                    flip = gr.Checkbox(label="Add flipped copies", value=False)
-                    dedupe = gr.Checkbox(label="Drop duplicates", value=True)
-                    overwrite_prep = gr.Checkbox(label="Overwrite outputs", value=False)
+                prep = _controls(PrepareOptions, ui_fields(PrepareOptions, COMMON))
+                with gr.Accordion(MORE, open=False):
+                    prep |= _controls(PrepareOptions, ui_fields(PrepareOptions, MORE))
                 prepare = gr.Button("Prepare", variant="primary", elem_id=element_id("prepare"))
             with gr.Accordion("Caption with BLIP", open=True):
                 folder = gr.Textbox(label="Image folder", elem_id=element_id("folder"))
                 model = gr.Dropdown(label="Captioning model", choices=[HOST_BLIP], value=HOST_BLIP,
                                     allow_custom_value=True, info="the webui's BLIP, or a local transformers BLIP "
                                     "model folder / cached model id")
-                with gr.Row():
-                    prefix = gr.Textbox(label="Prefix")
-                    suffix = gr.Textbox(label="Suffix")
-                    trigger = gr.Textbox(label="Trigger", info='put first, e.g. "[name]"')
-                overwrite_cap = gr.Checkbox(label="Overwrite existing captions", value=False)
+                cap = _controls(CaptionOptions, ui_fields(CaptionOptions), "cap_")
                 caption = gr.Button("Caption", variant="primary", elem_id=element_id("caption"))
             report = gr.HTML(elem_id=element_id("report"))
         with gr.Column():
@@ -62,45 +51,54 @@ def build_controls() -> None:
                                  wrap=True, elem_id=element_id("table"))
             save = gr.Button("Save captions", elem_id=element_id("save"))
 
-    prep_inputs = [src, dst, width, height, crop, auto_size, split, flip, dedupe, overwrite_prep]
-    prepare.click(fn=a1111.wrap_gpu_call(_prepare, []), inputs=prep_inputs, outputs=[report])
-    caption.click(fn=a1111.wrap_gpu_call(_caption, []),
-                  inputs=[folder, model, prefix, suffix, trigger, overwrite_cap], outputs=[report])
+    prepare.click(fn=a1111.wrap_gpu_call(_prepare_handler(list(prep)), []), inputs=list(prep.values()),
+                  outputs=[report])
+    caption.click(fn=a1111.wrap_gpu_call(_caption_handler(list(cap)), []), inputs=[folder, model, *cap.values()],
+                  outputs=[report])
     load.click(fn=_load_review, inputs=[review_folder], outputs=[gallery, table, report])
     save.click(fn=_save_review, inputs=[review_folder, table], outputs=[report])
 
 
-# ---------------------------------------------------------------------- handlers
-def _prepare(src, dst, width, height, crop, auto_size, split, flip, dedupe, overwrite):
-    from .. import prepare
-    from . import a1111
+# ---------------------------------------------------------------------- controls and handlers
+def _controls(cls: type, chosen: list, prefix: str = "") -> dict:
+    """One control per field, three to a row; returns {field name: control} in order."""
+    import gradio as gr
 
-    try:
-        opts = prepare.PrepareOptions(src=src, dst=dst, width=int(width), height=int(height), crop=crop,
-                                      auto_size=auto_size, split=split, flip=flip, dedupe=dedupe, overwrite=overwrite)
-        report = prepare.run(opts, on_progress=a1111.progress_count, should_stop=a1111.host_interrupted)
-    except TIError as exc:
-        return (_pre(str(exc), error=True),)
-    return (_pre(report.format()),)
+    controls = {}
+    for row in range(0, len(chosen), 3):
+        with gr.Row():
+            for f in chosen[row:row + 3]:
+                controls[f.name] = widget(cls, f, f.default, element_id(f"{prefix}{f.name}"))
+    return controls
 
 
-def _caption(folder, model, prefix, suffix, trigger, overwrite):
-    from ..caption import CaptionOptions, caption_folder
-    from . import a1111
+def _prepare_handler(names: list[str]):
+    def handler(*values):
+        try:
+            opts = PrepareOptions(**values_to_options(PrepareOptions, dict(zip(names, values, strict=True))))
+            report = prepare_folder(opts, on_progress=a1111.progress_count, should_stop=a1111.host_interrupted)
+        except TIError as exc:
+            return (_pre(str(exc), error=True),)
+        return (_pre(report.format()),)
 
-    try:
-        opts = CaptionOptions(overwrite=overwrite, prefix=prefix or "", suffix=suffix or "", trigger=trigger or "")
-        with a1111.captioner(None if model == HOST_BLIP else model) as captioner:
-            report = caption_folder(folder, captioner, opts, on_progress=a1111.progress_count,
-                                    should_stop=a1111.host_interrupted)
-    except TIError as exc:
-        return (_pre(str(exc), error=True),)
-    return (_pre(report.format()),)
+    return handler
+
+
+def _caption_handler(names: list[str]):
+    def handler(folder, model, *values):
+        try:
+            opts = CaptionOptions(**values_to_options(CaptionOptions, dict(zip(names, values, strict=True))))
+            with a1111.captioner(None if model == HOST_BLIP else model) as captioner:
+                report = caption_folder(folder, captioner, opts, on_progress=a1111.progress_count,
+                                        should_stop=a1111.host_interrupted)
+        except TIError as exc:
+            return (_pre(str(exc), error=True),)
+        return (_pre(report.format()),)
+
+    return handler
 
 
 def _load_review(folder):
-    from ..caption import review_items
-
     try:
         items = review_items(folder)
     except TIError as exc:
@@ -112,12 +110,6 @@ def _load_review(folder):
 
 
 def _save_review(folder, table):
-    from pathlib import Path
-
-    from ..caption import save_caption
-
-    from ..caption import caption_path
-
     rows = table.values.tolist() if hasattr(table, "values") else list(table or [])
     saved = 0
     try:

@@ -10,31 +10,27 @@ from __future__ import annotations
 import typing
 from dataclasses import fields
 
-from ..config import HELP, TrainConfig
+from ..config import BASICS, TrainConfig
 from ..errors import TIError
+from ..options import field_help, field_label
 from ..templates import builtin_names
+from ..dataset.preflight import check
+from . import a1111, runner, webui_dataset
+from .widgets import sections, ui_fields, values_to_options, widget
 
 TAB_TITLE = "Train Embedding"
 ELEM_PREFIX = "ti_trainer"
 _state = {"in_train_tab": False}
 
-# Controls by section; the one field not listed (model) makes no sense in the webui's tab.
-SECTIONS: list[tuple[str, list[str]]] = [
-    ("Training", ["steps", "batch_size", "grad_accum", "learning_rate", "optimizer", "weight_decay", "clip_mode",
-                  "clip_value", "min_snr_gamma", "precision", "gradient_checkpointing", "seed", "train_encoders"]),
-    ("Data", ["width", "height", "crop", "flip", "random_crops", "repeats", "shuffle_tags", "tag_dropout",
-              "keep_tokens", "use_alpha_weight", "latent_sampling", "cache_latents_to_disk", "buckets",
-              "bucket_min_side", "bucket_max_side"]),
-    ("Saving and previews", ["output_dir", "save_every", "keep_last", "save_format", "log_every", "preview_every",
-                             "preview_prompt", "preview_negative_prompt", "preview_steps", "preview_sampler",
-                             "preview_cfg_scale", "preview_seed", "preview_width", "preview_height"]),
-]
-TOP_FIELDS = ["name", "init_text", "num_vectors", "overwrite", "init_from", "data_dir", "template"]
+# The controls, from TrainConfig's fields: the basics on top, then one folded section each.
+SECTIONS: list[tuple[str, list[str]]] = [(title, [f.name for f in ui_fields(TrainConfig, title)])
+                                         for title in sections(TrainConfig) if title != BASICS]
+TOP_FIELDS = [f.name for f in ui_fields(TrainConfig, BASICS)]
 FIELD_NAMES = TOP_FIELDS + [name for _, names in SECTIONS for name in names]
-# The order of UiTrainTabParams.txt2img_preview_params (modules/ui.py).
-TXT2IMG_FIELDS = ["preview_prompt", "preview_negative_prompt", "preview_steps", "preview_sampler",
-                  "preview_cfg_scale", "preview_seed", "preview_width", "preview_height"]
-SETTING_DEFAULTS = ["precision", "save_every", "keep_last", "preview_every"]
+# The host's UiTrainTabParams.txt2img_preview_params, in its order (modules/ui.py), and the fields they fill.
+HOST_TXT2IMG_PARAMS = ("prompt", "negative_prompt", "steps", "sampler_name", "cfg_scale", "seed", "width", "height")
+TXT2IMG_FIELDS = [next(f.name for f in fields(TrainConfig) if f.metadata.get("txt2img") == param)
+                  for param in HOST_TXT2IMG_PARAMS]
 ENCODER_CHOICES = {"all": [], "clip_l": ["clip_l"], "clip_g": ["clip_g"]}
 
 
@@ -46,9 +42,6 @@ def element_id(name: str) -> str:
 def on_ui_train_tabs(params) -> None:
     """Inside the host's Train tab: ``params.txt2img_preview_params`` feeds "previews from txt2img"."""
     import gradio as gr
-
-    from . import webui_dataset
-
     _state["in_train_tab"] = True
     with gr.Tab(label=TAB_TITLE, id=element_id("tab")):
         build_controls(list(getattr(params, "txt2img_preview_params", []) or []))
@@ -65,9 +58,6 @@ def on_ui_tabs():
 
 def _build():
     import gradio as gr
-
-    from . import webui_dataset
-
     with gr.Blocks(analytics_enabled=False) as block:
         with gr.Tabs():
             with gr.Tab(label="Train"):
@@ -80,10 +70,7 @@ def _build():
 # ---------------------------------------------------------------------- the controls
 def build_controls(txt2img_params: list) -> None:
     import gradio as gr
-
-    from . import a1111
-
-    defaults = TrainConfig().to_dict() | {k: a1111.setting(k) for k in SETTING_DEFAULTS}
+    defaults = TrainConfig().to_dict() | a1111.config_defaults()
     widgets: dict[str, typing.Any] = {}
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
@@ -93,15 +80,12 @@ def build_controls(txt2img_params: list) -> None:
                 for name in ("name", "init_text", "num_vectors"):
                     widgets[name] = _widget(name, defaults[name])
             with gr.Row():
-                widgets["init_from"] = gr.Dropdown(label="Continue from embedding (optional)", choices=_names(),
-                                                   value="", allow_custom_value=True, info=HELP["init_from"],
-                                                   elem_id=element_id("init_from"))
+                widgets["init_from"] = _widget("init_from", "", gr.Dropdown, choices=_names(), allow_custom_value=True)
                 refresh = gr.Button(value="\U0001f504", elem_id=element_id("refresh"), scale=0, min_width=40)
                 widgets["overwrite"] = _widget("overwrite", defaults["overwrite"])
             widgets["data_dir"] = _widget("data_dir", defaults["data_dir"])
-            widgets["template"] = gr.Dropdown(label="Prompt template", choices=builtin_names(), value="object",
-                                              allow_custom_value=True, info=HELP["template"] + " (a file path works)",
-                                              elem_id=element_id("template"))
+            widgets["template"] = _widget("template", defaults["template"], gr.Dropdown, choices=builtin_names(),
+                                          allow_custom_value=True, info=_help("template") + " (a file path works)")
             for title, names in SECTIONS:
                 with gr.Accordion(title, open=title == "Training"):
                     for row in range(0, len(names), 3):
@@ -136,46 +120,37 @@ def build_controls(txt2img_params: list) -> None:
     refresh.click(fn=lambda: gr.update(choices=_names()), inputs=[], outputs=[widgets["init_from"]], queue=False)
 
 
-def _widget(name: str, default):
+_FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+def _widget(name: str, default, control=None, **overrides):
+    """The field's control; ``control`` (a Gradio class) replaces the one its type implies."""
     import gradio as gr
 
-    hint = typing.get_type_hints(TrainConfig)[name]
-    label = name.replace("_", " ").capitalize()
-    kwargs = dict(label=label, info=HELP[name], elem_id=element_id(name))
     if name == "train_encoders":  # SDXL: both encoders, or one while the other keeps its init vectors
-        return gr.Dropdown(choices=list(ENCODER_CHOICES), value="all", **kwargs)
-    if typing.get_origin(hint) is typing.Literal:
-        return gr.Dropdown(choices=list(typing.get_args(hint)), value=default, **kwargs)
-    if hint is bool:
-        return gr.Checkbox(value=default, **kwargs)
-    if hint is int:
-        return gr.Number(value=default, precision=0, **kwargs)
-    if hint is float:
-        return gr.Number(value=default, **kwargs)
-    return gr.Textbox(value=default, **kwargs)
+        control, default, overrides = gr.Dropdown, "all", {"choices": list(ENCODER_CHOICES)} | overrides
+    if control is None:
+        return widget(TrainConfig, _FIELDS[name], default, element_id(name), **overrides)
+    kwargs = dict(label=field_label(_FIELDS[name]), info=field_help(_FIELDS[name]), elem_id=element_id(name))
+    return control(value=default, **(kwargs | overrides))
+
+
+def _help(name: str) -> str:
+    return field_help(_FIELDS[name])
 
 
 def _names() -> list[str]:
-    from . import a1111
-
     return [""] + a1111.loaded_embedding_names()
 
 
 # ---------------------------------------------------------------------- handlers
 def config_from_values(values: list, from_txt2img: bool, txt2img: list) -> TrainConfig:
     """The tab's values as a validated config (numbers come back from Gradio as floats)."""
-    hints = typing.get_type_hints(TrainConfig)
-    data = dict(zip(FIELD_NAMES, values))
+    data = dict(zip(FIELD_NAMES, values, strict=True))
     if from_txt2img and txt2img:
-        data.update(zip(TXT2IMG_FIELDS, txt2img))
+        data.update(zip(TXT2IMG_FIELDS, txt2img, strict=False))
     data["train_encoders"] = ENCODER_CHOICES.get(data.get("train_encoders") or "all", [])
-    for name, value in data.items():
-        if hints[name] is int and isinstance(value, float) and value.is_integer():
-            data[name] = int(value)
-        elif hints[name] is str and value is None:
-            data[name] = ""
-    known = {f.name for f in fields(TrainConfig)}
-    return TrainConfig.from_dict({k: v for k, v in data.items() if k in known})
+    return TrainConfig.from_dict(values_to_options(TrainConfig, data))
 
 
 def _split(args: tuple) -> tuple[TrainConfig, str]:
@@ -193,8 +168,6 @@ def _resume_clicked(*args):
 
 
 def _run(args: tuple, *, resume: bool):
-    from . import runner
-
     try:
         cfg, _ = _split(args)
         cfg = runner.resolve(cfg, resume=resume)
@@ -206,8 +179,6 @@ def _run(args: tuple, *, resume: bool):
 
 
 def _create_clicked(*args):
-    from . import runner
-
     try:
         cfg, _ = _split(args)
         path = runner.create_embedding(cfg)
@@ -220,9 +191,6 @@ def _check_clicked(*args):
     """The pre-flight check: images usable and skipped, captions, trigger, sizes, memory, learning rate."""
     import html
 
-    from ..preflight import check
-    from . import a1111
-
     try:
         cfg, _ = _split(args)
         report = check(cfg, family=a1111.loaded_family())
@@ -233,8 +201,6 @@ def _check_clicked(*args):
 
 
 def _stop_clicked():
-    from . import runner
-
     job = runner.current_job()
     if job is None:
         return "<p>No training run is active.</p>"

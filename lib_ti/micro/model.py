@@ -13,7 +13,7 @@ the weights fit the repository. The sizes, and why:
 * VAE: 64 channels at every level, one resnet per level. Its full-resolution convolutions are the
   most expensive part of pretraining, so it trains on 32x32 crops.
 
-Everything is channel-count compatible with ldm/sgm, so ``tiny.save_single_file`` writes the webui
+Everything is channel-count compatible with ldm/sgm, so ``formats.model_files.save_single_file`` writes the webui
 checkpoint and its yaml.
 """
 
@@ -24,7 +24,9 @@ from pathlib import Path
 
 import torch
 
-from ..tokenizer_files import EOS, MAX_LENGTH, VOCAB_SIZE, write_clip_tokenizer
+from ..formats.clip_tokenizer import EOS, MAX_LENGTH, VOCAB_SIZE, write_clip_tokenizer
+from ..formats.model_files import save_diffusers, save_single_file
+from ..models.tiny import sd_scheduler
 from .shapes import IMAGE_SIZE
 
 NAME = "micro-sd"
@@ -82,8 +84,6 @@ def pipeline(unet_model, vae_model, text_model):
     """A diffusers SD1 pipeline of the parts (nothing is copied)."""
     from diffusers import StableDiffusionPipeline
 
-    from ..tiny import sd_scheduler
-
     return StableDiffusionPipeline(vae=vae_model, text_encoder=text_model, tokenizer=tokenizer(), unet=unet_model,
                                    scheduler=sd_scheduler("epsilon"), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -101,22 +101,13 @@ def save_model(pipe, out_dir: str | Path, *, clip_root: str) -> dict[str, Path]:
     """
     import shutil
 
-    import yaml
-
-    from ..tiny import save_diffusers, save_single_file
-
     out = Path(out_dir)
     pipe = pipe.to(torch.float16)
-    single = save_single_file(pipe, "sd1", out, name=NAME)  # also writes <NAME>.diffusers/ with configs only
     folder = out / f"{NAME}.diffusers"
-    save_diffusers(pipe, folder)  # now with the weights: the same folder serves --model and the single file
+    save_diffusers(pipe, folder)
     for duplicate in folder.rglob("tokenizer.json"):
         duplicate.unlink()  # 3.5 MB that vocab.json + merges.txt already hold
     shutil.copy(folder / "text_encoder" / "config.json", folder / "tokenizer" / "config.json")
-    shutil.rmtree(out / f"{NAME}.clip_l")
-    yaml_path = single.with_suffix(".yaml")
-    config = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
-    version = f"{clip_root.rstrip('/')}/{NAME}.diffusers/tokenizer"
-    config["model"]["params"]["cond_stage_config"]["params"]["version"] = version
-    yaml_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    return {"diffusers": folder, "single_file": single, "yaml": yaml_path}
+    clip_folder = f"{clip_root.rstrip('/')}/{NAME}.diffusers/tokenizer"
+    single = save_single_file(pipe, "sd1", out, name=NAME, clip_folder=clip_folder, config_folder=False)
+    return {"diffusers": folder, "single_file": single, "yaml": single.with_suffix(".yaml")}

@@ -186,7 +186,7 @@ def train_denoiser(cfg: PretrainConfig, scenes: list, mean: torch.Tensor, std: t
     """Train the UNet and text encoder together; ``preview(step, unet, text)`` sees the averaged weights
     every ``preview_every`` steps."""
     from ..engine import add_noise, min_snr_weights
-    from ..tiny import sd_scheduler
+    from ..models.tiny import sd_scheduler
 
     torch.manual_seed(cfg.seed + 2)
     unet, text = micro.unet(), micro.text_encoder()
@@ -301,7 +301,7 @@ class _Previews:
         from .classifier import classify
         from .grid import image_grid, save_png
         from ..engines.standalone import StandaloneEngine, TextEncoder
-        from ..tiny import sd_scheduler
+        from ..models.tiny import sd_scheduler
 
         engine = StandaloneEngine(unet, self.vae, [TextEncoder("clip_l", text, self.tokenizer)],
                                   dict(sd_scheduler("epsilon").config), family="sd1", device=torch.device("cpu"),

@@ -19,25 +19,31 @@ so even "a red star" comes out a star only about half the time (README, figures 
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import PREFIX, TIError
+import torch
+import yaml
+
+from ..checkpoints import checkpoint_path
+from ..config import TrainConfig
+from ..embedding import match_to_model
+from ..engines.standalone import StandaloneEngine
+from ..errors import TIError
+from ..fileio import write_text
+from ..formats.embeddings import load_embedding
+from ..trainer import train
+from .classifier import classify
 from .evaluate import Case, render, score
+from .grid import image_grid, save_png
 from .shapes import COLOUR_NAMES, SHAPES, draw, random_scene
 
-ENGINES = ("standalone", "webui")  # here, or through a running webui's API (micro/webui_target.py)
 TOKEN_TEMPLATES = ("a {token} in {colour} on a {background} background", "a {colour} {token} on a {background} background")
 GRID_COLUMNS = 8
-# Set by the benchmark: naming, paths, the model's size, the checkpoints it scores.
-BENCH_KEYS = frozenset({"name", "init_text", "model", "data_dir", "output_dir", "overwrite", "steps", "width", "height",
-                        "save_every", "keep_last", "preview_every", "seed"})
 
 
 @dataclass(frozen=True)
@@ -53,7 +59,7 @@ class QualityConfig:
     seed: int = 0
     out: str = "outputs/bench-quality"
     # Trainer settings to compare against the defaults, e.g. (("template", "captions"),); the keys the
-    # benchmark sets itself (BENCH_KEYS) cannot be changed here.
+    # benchmark sets itself (``bench_settings``) cannot be changed here.
     train_settings: tuple[tuple[str, object], ...] = ()
 
     def __post_init__(self) -> None:
@@ -63,8 +69,9 @@ class QualityConfig:
         for name in ("num_images", "steps", "eval_every", "renders", "sampler_steps"):
             if getattr(self, name) < 1:
                 raise TIError(f"bench quality {name}={getattr(self, name)} is invalid: use a whole number >= 1")
+        fixed = bench_settings(self, "", Path(), "")
         for key, _ in self.train_settings:
-            if key in BENCH_KEYS:
+            if key in fixed:
                 raise TIError(f"bench quality --train-set {key}=... is set by the benchmark itself; use its own flags "
                               "(--steps, --eval-every, --seed, --init-text) or leave it")
 
@@ -82,9 +89,6 @@ def write_concept_images(cfg: QualityConfig, folder: Path) -> Path:
     """``num_images`` pictures of the concept, each in a different colour, on random backgrounds, each
     with the caption that names everything but the concept ("a red [name] on a blue background"): the
     default templates ignore it, ``--train-set template=captions`` trains with it."""
-    from ..fileio import write_text
-    from .grid import save_png
-
     rng = random.Random(f"quality-images-{cfg.seed}")
     colours = list(COLOUR_NAMES)
     rng.shuffle(colours)
@@ -108,15 +112,17 @@ def token_cases(cfg: QualityConfig, word: str) -> list[Case]:
     return cases
 
 
-def train_config(cfg: QualityConfig, model: str, data_dir: Path, output_dir: str):
-    """The trainer's defaults, except what names this run, where it lives, the model's 64px size,
-    keeping every ``eval_every`` checkpoint (bookkeeping, not training) and ``cfg.train_settings``."""
-    from ..config import TrainConfig
+def bench_settings(cfg: QualityConfig, model: str, data_dir: Path, output_dir: str) -> dict[str, object]:
+    """What the benchmark sets in the trainer's config: the run's name, paths and seed, the model's 64px
+    size, and keeping every ``eval_every`` checkpoint (bookkeeping, not training)."""
+    return {"name": cfg.token, "init_text": cfg.init_text, "model": model, "data_dir": str(data_dir),
+            "output_dir": output_dir, "overwrite": True, "steps": cfg.steps, "width": 64, "height": 64,
+            "save_every": cfg.eval_every, "keep_last": 0, "preview_every": 0, "seed": cfg.seed}
 
-    return TrainConfig.from_dict({
-        "name": cfg.token, "init_text": cfg.init_text, "model": model, "data_dir": str(data_dir),
-        "output_dir": output_dir, "overwrite": True, "steps": cfg.steps, "width": 64, "height": 64,
-        "save_every": cfg.eval_every, "keep_last": 0, "preview_every": 0, "seed": cfg.seed, **dict(cfg.train_settings)})
+
+def train_config(cfg: QualityConfig, model: str, data_dir: Path, output_dir: str) -> TrainConfig:
+    """The trainer's defaults, except ``bench_settings`` and the settings compared (``cfg.train_settings``)."""
+    return TrainConfig.from_dict({**bench_settings(cfg, model, data_dir, output_dir), **dict(cfg.train_settings)})
 
 
 @dataclass(frozen=True)
@@ -130,18 +136,13 @@ class StandaloneTarget:
 
     name = "standalone"
 
-    def __init__(self, engine, model: str, *, progress_bar: bool = False) -> None:
-        self.engine, self.model, self.progress_bar = engine, model, progress_bar
-        self.tcfg = None  # the run's TrainConfig, once trained
+    def __init__(self, engine, model: str, *, on_event: Callable[[object], None] | None = None) -> None:
+        self.engine, self.model, self.on_event = engine, model, on_event  # on_event: e.g. a console progress bar
+        self.tcfg: TrainConfig | None = None  # the run's config, once trained
 
-    def train(self, cfg: QualityConfig, data_dir: Path) -> tuple[Trained, object]:
-        from ..trainer import train
-
+    def train(self, cfg: QualityConfig, data_dir: Path) -> tuple[Trained, TrainConfig]:
         tcfg = self.tcfg = train_config(cfg, self.model, data_dir, str(Path(cfg.out) / "run"))
-        if self.progress_bar:
-            result = train_with_bar(self.engine, tcfg)
-        else:
-            result = train(self.engine, tcfg)
+        result = train(self.engine, tcfg, on_event=self.on_event)
         return Trained(result.steps_done, str(result.final_path)), tcfg
 
     def render(self, cfg: QualityConfig, cases: list[Case], step: int | None) -> list:
@@ -157,10 +158,6 @@ class StandaloneTarget:
 
 
 def checkpoint_vectors(engine, tcfg, step: int):
-    from ..checkpoints import checkpoint_path
-    from ..embedding import match_to_model
-    from ..embedding_io import load_embedding
-
     path = checkpoint_path(tcfg.run_dir, tcfg.name, step, tcfg.save_format)
     return match_to_model(load_embedding(path), engine.encoder_widths).vectors
 
@@ -186,15 +183,11 @@ def run_quality(target, classifier, cfg: QualityConfig, *, progress: Callable[[s
     rows = _render_rows(target, classifier, cfg, progress)
     report = _report(cfg, tcfg, rows, trained, train_s, time.perf_counter() - t0, target)
     report["grid"] = str(_write_grid(cfg, rows, out / "grid.png"))
-    from ..fileio import write_text
-
     write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     return report
 
 
 def _render_rows(target, classifier, cfg: QualityConfig, progress) -> list[Row]:
-    from .classifier import classify
-
     token_prompts = token_cases(cfg, cfg.token)
     plans = [(f"init word '{cfg.init_text}'", 0, token_prompts)]
     plans += [(f"step {s}", s, token_prompts) for s in cfg.eval_steps]
@@ -209,8 +202,6 @@ def _render_rows(target, classifier, cfg: QualityConfig, progress) -> list[Row]:
 
 def _report(cfg: QualityConfig, tcfg, rows: list[Row], trained: Trained, train_s: float, total_s: float,
             target) -> dict:
-    from ..config import TrainConfig
-
     defaults = TrainConfig().to_dict()
     changed = {k: v for k, v in tcfg.to_dict().items() if v != defaults[k]}
     figures = [{"label": r.label, "step": r.step, **{k: round(v, 4) for k, v in r.figures.items()}} for r in rows]
@@ -223,8 +214,6 @@ def _report(cfg: QualityConfig, tcfg, rows: list[Row], trained: Trained, train_s
 
 
 def _write_grid(cfg: QualityConfig, rows: list[Row], path: Path) -> Path:
-    from .grid import image_grid, save_png
-
     labels = [f"{r.label}\nshape {r.figures['shape']:.2f}\ncolour {r.figures['colour']:.2f}\n"
               f"background {r.figures['background']:.2f}" for r in rows]
     title = (f"{cfg.token} (init '{cfg.init_text}', {cfg.num_images} images of a {cfg.concept}): "
@@ -248,62 +237,7 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------- command line
-def add_parser(kinds) -> None:
-    quality = kinds.add_parser("quality", help="train an embedding on the micro model and score renders of it "
-                               "(shape accuracy per step, colour-follows-prompt, init-word baseline)",
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d = QualityConfig()
-    quality.add_argument("--engine", default="standalone", choices=ENGINES,
-                         help="who runs the loop: this process (standalone) or a running webui with this extension")
-    quality.add_argument("--webui-url", default="http://127.0.0.1:7860", help="--engine webui: the webui (started with --api)")
-    quality.add_argument("--webui-auth", help="--engine webui: user:password if the webui uses --api-auth")
-    quality.add_argument("--model", help="a micro-world model: diffusers folder or single file (default: the shipped one)")
-    quality.add_argument("--classifier", help="the shapes classifier (default: the shipped one)")
-    quality.add_argument("--concept", default=d.concept, choices=SHAPES)
-    quality.add_argument("--init-text", default=d.init_text)
-    for name in ("num_images", "steps", "eval_every", "renders", "sampler_steps", "seed"):
-        quality.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
-    quality.add_argument("--cfg-scale", type=float, default=d.cfg_scale)
-    quality.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the micro model's tensors are too small to split between cores)")
-    quality.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
-                         help="a trainer setting other than its default, to compare (repeatable; VALUE is read as "
-                         "YAML): e.g. --train-set template=captions --train-set learning_rate=0.002")
-    quality.add_argument("--out", default=d.out, help="folder for the images, the run, grid.png and report.json")
-    quality.add_argument("--json", dest="json_out", help="also copy report.json here")
-    quality.set_defaults(run=run_quality_command)
-
-
-def run_quality_command(args: argparse.Namespace) -> int:
-    from . import assets
-    from .classifier import load_classifier
-
-    cfg = QualityConfig(concept=args.concept, init_text=args.init_text, num_images=args.num_images, steps=args.steps,
-                        eval_every=args.eval_every, renders=args.renders, sampler_steps=args.sampler_steps,
-                        cfg_scale=args.cfg_scale, seed=args.seed, out=args.out,
-                        train_settings=parse_train_settings(args.train_set))
-    train_config(cfg, "", Path(cfg.out), "run")  # a bad setting fails here, before any model loads
-    say = lambda msg: print(f"{PREFIX} {msg}", file=sys.stderr)  # noqa: E731
-    classifier = load_classifier(args.classifier or assets.classifier_file())
-    if args.engine == "webui":
-        if args.model:
-            raise TIError("--model is for --engine standalone; the webui trains on the checkpoint it has loaded")
-        from .webui_target import WebuiTarget
-
-        target = WebuiTarget(args.webui_url, args.webui_auth, progress=say)
-    else:
-        model = args.model or str(assets.model_folder())
-        target = StandaloneTarget(load_micro_engine(model, args.threads), model, progress_bar=True)
-    report = run_quality(target, classifier, cfg, progress=say)
-    print(format_report(report))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
-    return 0
-
-
 def parse_train_settings(items: list[str]) -> tuple[tuple[str, object], ...]:
-    import yaml
-
     settings = []
     for item in items:
         key, sep, value = item.partition("=")
@@ -319,19 +253,5 @@ def load_micro_engine(model: str, threads: int = 1):
     on a shared 2-core machine (measured)."""
     if threads < 1:
         raise TIError(f"--threads must be at least 1, got {threads}")
-    import torch
-
-    from ..engines.standalone import StandaloneEngine
-
     torch.set_num_threads(threads)
     return StandaloneEngine.load(model, device=torch.device("cpu"))
-
-
-def train_with_bar(engine, tcfg):
-    """The trainer with the console progress bar the ``train`` command shows."""
-    from ..progress import ConsoleProgress
-    from ..trainer import train
-
-    with ConsoleProgress() as bar:
-        return train(engine, tcfg, on_event=bar)
-

@@ -21,6 +21,7 @@ from pathlib import Path
 from ..errors import TIError
 from .evaluate import Case
 from .model import NAME
+from .quality import QualityConfig, Trained, train_config
 
 POLL_S = 1.0
 
@@ -64,8 +65,6 @@ class WebuiTarget:
 
     # ------------------------------------------------------------------ the target
     def train(self, cfg, data_dir: Path):
-        from .quality import Trained, train_config
-
         # A relative output folder: the webui keeps runs under its own output root, and refuses others.
         tcfg = train_config(cfg, "", data_dir.resolve(), f"bench-quality-{cfg.concept}")
         job = self._call("POST", "/ti-trainer/v1/train", {k: v for k, v in tcfg.to_dict().items() if k != "model"})

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from .errors import TIError
+from ..errors import TIError
+from ..libraries import quiet_libraries
 
 DEFAULT_MODEL = "Salesforce/blip-image-captioning-base"
 
@@ -40,8 +41,6 @@ def load_blip(model: str = DEFAULT_MODEL, *, device: str = "cpu", max_new_tokens
 
     source = locate(model)
     from transformers import BlipForConditionalGeneration, BlipProcessor
-
-    from .engines.standalone import quiet_libraries
 
     quiet_libraries()
     dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from . import events
-from .errors import PREFIX
+from .. import events
+from ..errors import PREFIX
 
 
 class ConsoleProgress:
@@ -41,3 +41,6 @@ class ConsoleProgress:
             tqdm.write(f"{PREFIX} preview at step {event.step}: {event.path}", file=sys.stderr)
         elif isinstance(event, events.Warning):
             tqdm.write(f"{PREFIX} warning: {event.message}", file=sys.stderr)
+        elif isinstance(event, events.Result) and self.bar is not None:
+            self.bar.close()  # the run is over: later output must not mix with the bar
+            self.bar = None

@@ -28,22 +28,18 @@ from pathlib import Path
 
 from PIL import Image
 
-from .buckets import nearest_bucket
-from .buckets import describe as describe_buckets
-from .config import TrainConfig
-from .dataset import UNREADABLE, ImageItem, discover, unreadable_reason
-from .errors import PREFIX, TIError
+from ..buckets import nearest_bucket
+from ..buckets import describe as describe_buckets
+from ..config import TrainConfig
+from ..images import UNREADABLE, ImageItem, discover, unreadable_reason
+from ..errors import PREFIX, TIError
+from ..families import FAMILIES
 from .reports import Skipped, skipped_lines
-from .schedule import parse_schedule
-from .templates import FILEWORDS, NAME, has_name, is_filewords_only, load_templates, uses_filewords
+from ..schedule import parse_schedule
+from ..templates import FILEWORDS, NAME, has_name, is_filewords_only, load_templates, uses_filewords
 
 Size = tuple[int, int]
 
-FAMILIES = ("sd1", "sd2", "sdxl")
-# Parameters in millions, from the public model configs (lib_ti/arch.py builds the same shapes).
-PARAMS_M = {"sd1": {"unet": 860, "text": 123, "vae": 84},
-            "sd2": {"unet": 866, "text": 354, "vae": 84},
-            "sdxl": {"unet": 2567, "text": 817, "vae": 84}}
 ACTIVATION_GIB_AT_512 = {"sd1": 2.5, "sd2": 2.5, "sdxl": 1.9}  # SDXL skips attention at the largest level
 CHECKPOINTING_FACTOR = 0.35
 OVERHEAD_GIB = 1.0
@@ -173,7 +169,7 @@ def _check_paths(cfg: TrainConfig, report: PreflightReport) -> None:
                                "(or use optimizer 'adamw')")
     if not cfg.run_dir.is_dir():
         return
-    from .checkpoints import list_states  # imports torch: only when there is a run folder to look at
+    from ..checkpoints import list_states  # imports torch: only when there is a run folder to look at
 
     states = list_states(cfg.run_dir, cfg.name)
     if states and not cfg.overwrite:
@@ -285,7 +281,7 @@ def estimate_memory(cfg: TrainConfig, family: str | None = None) -> MemoryEstima
         family = detect_family(cfg.model) if cfg.model else None
     if family is None:
         family, guessed = ("sdxl" if cfg.width * cfg.height >= 1024 * 1024 else "sd1"), True
-    params = PARAMS_M[family]
+    params = FAMILIES[family].params_m
     weights = ((params["unet"] + params["text"]) * 2 + params["vae"] * 4) * 1e6 / _GIB
     activations = ACTIVATION_GIB_AT_512[family] * cfg.batch_size * cfg.width * cfg.height / 512**2
     if cfg.gradient_checkpointing:

@@ -11,20 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .embedding_io import FORMATS, load_embedding, load_embedding_details, save_embedding
-from .errors import TIError
-
-_FAMILIES = {("clip_l", 768): "SD1.x", ("clip_h", 1024): "SD2.x"}
-
-
-def model_family(widths: dict[str, int]) -> str:
-    """The model family an embedding with these encoder widths belongs to ("unknown" for anything else)."""
-    if widths == {"clip_l": 768, "clip_g": 1280}:
-        return "SDXL"
-    if len(widths) == 1:
-        return _FAMILIES.get(next(iter(widths.items())), "unknown")
-    return "unknown"
-
+from ..formats.embeddings import FORMATS, load_embedding, load_embedding_details, save_embedding
+from ..errors import TIError
+from ..families import label_of_widths
 
 def describe(path: str | Path) -> dict[str, Any]:
     """What an embedding file holds, as JSON-ready plain values."""
@@ -40,7 +29,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         "stored_name": loaded.stored_name,
         "num_vectors": emb.num_vectors,
         "widths": emb.widths,
-        "model_family": model_family(emb.widths),
+        "model_family": label_of_widths(emb.widths),
         "step": emb.step,
         "sd_checkpoint": emb.sd_checkpoint,
         "sd_checkpoint_name": emb.sd_checkpoint_name,
@@ -79,6 +68,13 @@ def convert(src: str | Path, dst: str | Path, *, overwrite: bool = False, fmt: s
     The embedding keeps the name it was read with (``src``'s stem, or the name inside an image).
     """
     return save_embedding(load_embedding(src), dst, fmt=fmt, overwrite=overwrite)
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser("inspect", help="show or convert an embedding file",
+                            description="Print what an embedding file holds; convert it with --to.")
+    add_arguments(parser)
+    parser.set_defaults(run=run)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

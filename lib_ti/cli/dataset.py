@@ -11,9 +11,15 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import PREFIX
+from ..dataset.blip import DEFAULT_MODEL
+from ..dataset.caption import CaptionOptions, caption_folder
+from ..dataset.prepare import PrepareOptions
+from ..dataset.prepare import run as prepare_folder
+from ..errors import PREFIX
+from ..families import NAMES
+from .fields import add_field_arguments, add_train_arguments, config_from_args, given
 
-def add_parsers(sub) -> None:
+def add_parser(sub) -> None:
     # Field flags state their defaults in their help (argparse's own default is None = "not given"),
     # so no ArgumentDefaultsHelpFormatter here: it would add "(default: None)" to each.
     _add_check(sub)
@@ -22,37 +28,26 @@ def add_parsers(sub) -> None:
 
 
 def _add_check(sub) -> None:
-    from .cli import add_train_arguments
-    from .preflight import FAMILIES
-
     check = sub.add_parser("check", help="pre-flight check of a training config and its images (no model loaded)",
                            description="Check images, captions, templates, learning rate and memory before training. "
                                        "Exit code 0 when it can train, 1 when not (reasons printed).")
     add_train_arguments(check)
-    check.add_argument("--family", choices=FAMILIES, help="model family for the memory estimate (default: read from "
+    check.add_argument("--family", choices=NAMES, help="model family for the memory estimate (default: read from "
                                                           "--model's files, else guessed from the resolution)")
     check.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
     check.set_defaults(run=run_check)
 
 
 def _add_prepare(sub) -> None:
-    from .cli import add_field_arguments
-    from .prepare import PREPARE_HELP, PrepareOptions
-
     prepare = sub.add_parser("prepare", help="prepare training images into a new folder (crop, tile, flip, convert)",
                              description="Decode, convert, crop or tile, flip and de-duplicate the images of --src "
                                          "into PNGs in --dst, captions copied along. --src is never modified. Exit "
                                          "code 0 when at least one image was written.")
-    add_field_arguments(prepare.add_argument_group("preparation"), PrepareOptions, PREPARE_HELP,
-                        required=("src", "dst"))
+    add_field_arguments(prepare.add_argument_group("preparation"), PrepareOptions, required=("src", "dst"))
     prepare.set_defaults(run=run_prepare)
 
 
 def _add_caption(sub) -> None:
-    from .blip import DEFAULT_MODEL
-    from .caption import CAPTION_HELP, CaptionOptions
-    from .cli import add_field_arguments
-
     caption = sub.add_parser("caption", help="caption images with BLIP (local model only)",
                              description="Write <image>.txt captions with a BLIP captioning model from a local "
                                          "folder or the local Hugging Face cache; nothing is downloaded.")
@@ -64,13 +59,12 @@ def _add_caption(sub) -> None:
     caption.add_argument("--max-new-tokens", type=int, default=40, help="longest caption, in tokens (default: 40)")
     caption.add_argument("--num-beams", type=int, default=3, help="beam search width, 1 = greedy and fastest "
                                                                   "(default: 3)")
-    add_field_arguments(caption.add_argument_group("captions"), CaptionOptions, CAPTION_HELP)
+    add_field_arguments(caption.add_argument_group("captions"), CaptionOptions)
     caption.set_defaults(run=run_caption)
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from .cli import config_from_args
-    from .preflight import check
+    from ..dataset.preflight import check  # imports torch when a run folder exists
 
     report = check(config_from_args(args), family=args.family)
     print(json.dumps(report.to_dict(), indent=2, default=str) if args.json else report.format())
@@ -78,35 +72,25 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    from .prepare import PrepareOptions, run
-
-    opts = PrepareOptions(**_given(args, PrepareOptions))
+    opts = PrepareOptions(**given(args, PrepareOptions))
     with _Bar("image") as bar:
-        report = run(opts, on_progress=bar.update)
+        report = prepare_folder(opts, on_progress=bar.update)
     print(report.format())
     return 0 if report.written else 1
 
 
 def run_caption(args: argparse.Namespace) -> int:
-    import torch
+    from ..dataset.blip import load_blip  # heavy: torch, transformers
+    from ..devices import choose_device
 
-    from .blip import load_blip
-    from .caption import CaptionOptions, caption_folder
-
-    opts = CaptionOptions(**_given(args, CaptionOptions))
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    opts = CaptionOptions(**given(args, CaptionOptions))
+    device = str(choose_device(args.device))
     print(f"{PREFIX} loading BLIP {args.model} on {device}", file=sys.stderr)
     captioner = load_blip(args.model, device=device, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
     with _Bar("image") as bar:
         report = caption_folder(args.data, captioner, opts, on_progress=bar.update)
     print(report.format())
     return 0
-
-
-def _given(args: argparse.Namespace, cls: type) -> dict:
-    from dataclasses import fields
-
-    return {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name) is not None}
 
 
 class _Bar:

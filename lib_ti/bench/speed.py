@@ -7,72 +7,62 @@ Fixed conditions: 16 synthetic images at the chosen resolution (no bucketing), t
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
+import random
 import statistics
-import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import PREFIX, TIError
+import torch
+from PIL import Image, ImageDraw
+
+from .. import events
+from ..config import TrainConfig
+from ..devices import choose_device, weights_dtype
+from ..errors import TIError, say
+from ..engines.standalone import StandaloneEngine, load_engine
+from ..models.real import build_random_engine
+from ..models.tiny import build_tiny_model
+from ..trainer import train
 
 TINY_ARCHES = ("tiny-sd1", "tiny-sd2", "tiny-sdxl")
 REAL_ARCHES = ("sd15", "sd21", "sdxl")
 
 
-def add_parser(sub) -> None:
-    bench = sub.add_parser("bench", help="benchmarks", description="Benchmarks of the trainer.")
-    kinds = bench.add_subparsers(title="benchmarks")
-    speed = kinds.add_parser("speed", help="time training steps (steps/s, images/s, peak memory, time to first step)",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    source = speed.add_mutually_exclusive_group()
-    source.add_argument("--model", help="a diffusers folder or single-file checkpoint to benchmark")
-    source.add_argument("--arch", default="tiny-sd1", choices=TINY_ARCHES + REAL_ARCHES,
-                        help="a built-in model with random weights: tiny-* (seconds to build) or the real "
-                             "architectures sd15/sd21/sdxl at full size (random weights)")
-    speed.add_argument("--resolution", type=int, default=128, help="training resolution in pixels (square)")
-    speed.add_argument("--batch-size", type=int, default=1)
-    speed.add_argument("--steps", type=int, default=20, help="timed steps (the protocol uses 200 on a GPU)")
-    speed.add_argument("--warmup", type=int, default=3, help="untimed steps before the timed window")
-    speed.add_argument("--vectors", type=int, default=4, help="vectors per token")
-    speed.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
-    speed.add_argument("--gradient-checkpointing", action="store_true")
-    speed.add_argument("--device", default="auto")
-    speed.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
-    speed.set_defaults(run=run_speed)
-    from .micro import quality
+@dataclass(frozen=True)
+class SpeedSettings:
+    model: str = ""  # a diffusers folder or single file; "" = the built-in ``arch``
+    arch: str = "tiny-sd1"
+    resolution: int = 128
+    batch_size: int = 1
+    steps: int = 20
+    warmup: int = 3
+    vectors: int = 4
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    device: str = "auto"
 
-    quality.add_parser(kinds)
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.warmup < 0:
+            raise TIError(f"bench needs --steps >= 1 and --warmup >= 0, got {self.steps} and {self.warmup}")
+        if not self.model and self.arch not in TINY_ARCHES + REAL_ARCHES:
+            raise TIError(f"bench --arch {self.arch!r} is unknown: use one of {', '.join(TINY_ARCHES + REAL_ARCHES)}")
 
 
-def run_speed(args: argparse.Namespace) -> int:
-    import torch
-
-    if args.steps < 1 or args.warmup < 0:
-        raise TIError(f"bench needs --steps >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+def run(settings: SpeedSettings) -> dict:
+    """Build or load the model, train ``warmup + steps`` steps and return the figures."""
+    device = choose_device(settings.device)
     with tempfile.TemporaryDirectory(prefix="ti-bench-") as tmp:
-        figures = measure_speed(args, device, Path(tmp))
-    print(format_report(figures))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(figures, indent=2) + "\n")
-    return 0
+        return measure_speed(settings, device, Path(tmp))
 
 
-def measure_speed(args: argparse.Namespace, device, tmp: Path) -> dict:
-    import torch
-
-    from . import events
-    from .config import TrainConfig
-    from .trainer import train
-
+def measure_speed(args: SpeedSettings, device: torch.device, tmp: Path) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    engine, label = _engine(args, device, tmp)
+    engine, label = build_engine(args, device, tmp)
     load_s = time.perf_counter() - t0
     data_dir = draw_images(tmp / "images", 16, args.resolution)
     template = tmp / "template.txt"
@@ -96,9 +86,20 @@ def measure_speed(args: argparse.Namespace, device, tmp: Path) -> dict:
     return _figures(args, device, label, load_s, t_train, record)
 
 
-def _figures(args, device, label: str, load_s: float, t_train: float, record: dict) -> dict:
-    import torch
+def build_engine(args: SpeedSettings, device: torch.device, tmp: Path):
+    """The engine to time, and its label: a model from disk, a tiny model, or a real architecture with random weights."""
+    if args.model:
+        return load_engine(args.model, device), Path(args.model).name
+    dtype = weights_dtype("auto", device)
+    if args.arch in TINY_ARCHES:
+        path = build_tiny_model(args.arch.removeprefix("tiny-"), tmp / args.arch)
+        return StandaloneEngine.load(path, device=device, dtype=dtype), f"{args.arch} (random weights)"
+    say(f"building {args.arch} with random weights on {device}")
+    return build_random_engine(args.arch, device=device, dtype=dtype), f"{args.arch} (random weights)"
 
+
+def _figures(args: SpeedSettings, device: torch.device, label: str, load_s: float, t_train: float,
+             record: dict) -> dict:
     times = record["times"]
     marks = [record["t_started"], *times]
     step_s = [b - a for a, b in zip(marks, marks[1:])][args.warmup:]
@@ -117,32 +118,8 @@ def _figures(args, device, label: str, load_s: float, t_train: float, record: di
     }
 
 
-def _engine(args, device, tmp: Path):
-    import torch
-
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    if args.model:
-        from .cli import load_engine
-
-        return load_engine(args.model, device), Path(args.model).name
-    if args.arch in TINY_ARCHES:
-        from .engines.standalone import StandaloneEngine
-        from .tiny import build_tiny_model
-
-        path = build_tiny_model(args.arch.removeprefix("tiny-"), tmp / args.arch)
-        return StandaloneEngine.load(path, device=device, dtype=dtype), f"{args.arch} (random weights)"
-    from .arch import build_random_engine
-
-    print(f"{PREFIX} building {args.arch} with random weights on {device}", file=sys.stderr)
-    return build_random_engine(args.arch, device=device, dtype=dtype), f"{args.arch} (random weights)"
-
-
 def draw_images(folder: Path, count: int, size: int) -> Path:
     """``count`` distinct synthetic images (coloured shapes) drawn with PIL."""
-    import random
-
-    from PIL import Image, ImageDraw
-
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
     for i in range(count):
@@ -156,20 +133,16 @@ def draw_images(folder: Path, count: int, size: int) -> Path:
     return folder
 
 
-def _peak_memory(device) -> dict:
-    import torch
-
+def _peak_memory(device: torch.device) -> dict:
     if device.type == "cuda":
         return {"peak_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30,
                 "peak_reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30}
-    import resource
+    import resource  # Unix only, and only needed on the CPU
 
     return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
 
 
-def _device_name(device) -> str:
-    import torch
-
+def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

@@ -29,11 +29,12 @@ from typing import Literal, NoReturn
 
 from PIL import Image, ImageColor, ImageOps
 
-from .buckets import bucket_sizes, nearest_bucket
+from ..buckets import bucket_sizes, nearest_bucket
 from .crops import Box, cover_box, is_oversized, subject_box, tile_boxes
-from .dataset import IMAGE_EXTENSIONS, UNREADABLE, ImageItem, discover, open_image, unreadable_reason
-from .errors import PREFIX, TIError
-from .fileio import atomic_path, write_text
+from ..images import IMAGE_EXTENSIONS, UNREADABLE, ImageItem, discover, open_image, unreadable_reason
+from ..errors import PREFIX, TIError
+from ..fileio import atomic_path, write_text
+from ..options import option
 from .reports import Skipped, skip, skipped_lines
 
 PrepareCrop = Literal["center", "subject"]
@@ -45,51 +46,44 @@ _UNSAFE = re.compile(r'[<>:"/\\|?*\x00-\x1f\x7f]')
 _MAX_STEM = 100  # characters; leaves room for suffixes within every file system's 255-byte limit
 
 
-# What each option does, for --help and the tab's tooltips.
-PREPARE_HELP: dict[str, str] = {
-    "src": "folder of source images (with optional .txt captions or metadata.jsonl); never modified",
-    "dst": "output folder for the prepared PNGs and their captions",
-    "width": "output width in pixels (multiple of 8): the training width",
-    "height": "output height in pixels (multiple of 8): the training height",
-    "crop": "center: keep the middle; subject: move the crop to the detail (edges, saliency; faces when OpenCV is "
-            "installed)",
-    "auto_size": "crop each image to the 64-multiple size nearest its own aspect with area <= width x height (the "
-                 "training buckets) instead of width x height",
-    "bucket_min_side": "auto_size: shortest side, a multiple of 64 (0 = half the shorter of width/height)",
-    "bucket_max_side": "auto_size: longest side, a multiple of 64 (0 = twice the longer of width/height)",
-    "split": "split images much longer than the target aspect into overlapping tiles instead of one crop",
-    "split_threshold": "split when an image is more than 1 + this times as long as the target aspect",
-    "split_overlap": "fraction of a tile shared with its neighbour (0 to 0.9)",
-    "flip": "also write a mirrored copy of each output (not for asymmetric subjects such as text)",
-    "keep_alpha": "keep transparency (RGBA PNG) instead of flattening it onto the background colour",
-    "background": "colour transparent pixels are flattened onto: a name or #rrggbb",
-    "dedupe": "write images with identical decoded pixels once",
-    "min_size": "skip images whose shorter side is below this many pixels",
-    "overwrite": "allow writing into a folder that already holds images (same-named files are replaced)",
-    "caption_extension": "caption files copied along with each image",
-}
+# Sections group the options in the webui's dataset tab: the common ones first, the others folded.
+COMMON, MORE = "Prepare images", "More options"
 
 
 @dataclass
 class PrepareOptions:
-    src: str
-    dst: str
-    width: int = 512
-    height: int = 512
-    crop: PrepareCrop = "center"
-    auto_size: bool = False
-    bucket_min_side: int = 0
-    bucket_max_side: int = 0
-    split: bool = False
-    split_threshold: float = 0.5
-    split_overlap: float = 0.2
-    flip: bool = False
-    keep_alpha: bool = False
-    background: str = "#ffffff"
-    dedupe: bool = True
-    min_size: int = 32
-    overwrite: bool = False
-    caption_extension: str = ".txt"
+    src: str = option("", "folder of source images (with optional .txt captions or metadata.jsonl); never modified",
+                      label="Source folder", section=COMMON)
+    dst: str = option("", "output folder for the prepared PNGs and their captions", label="Output folder",
+                      section=COMMON)
+    width: int = option(512, "output width in pixels (multiple of 8): the training width", section=COMMON)
+    height: int = option(512, "output height in pixels (multiple of 8): the training height", section=COMMON)
+    crop: PrepareCrop = option("center", "center: keep the middle; subject: move the crop to the detail (edges, "
+                               "saliency; faces when OpenCV is installed)", section=COMMON)
+    auto_size: bool = option(False, "crop each image to the 64-multiple size nearest its own aspect with area <= "
+                             "width x height (the training buckets) instead of width x height",
+                             label="Auto-size near each image's aspect", section=COMMON)
+    bucket_min_side: int = option(0, "auto_size: shortest side, a multiple of 64 (0 = half the shorter of "
+                                  "width/height)", section=MORE)
+    bucket_max_side: int = option(0, "auto_size: longest side, a multiple of 64 (0 = twice the longer of "
+                                  "width/height)", section=MORE)
+    split: bool = option(False, "split images much longer than the target aspect into overlapping tiles instead of "
+                         "one crop", label="Split oversized images into tiles", section=COMMON)
+    split_threshold: float = option(0.5, "split when an image is more than 1 + this times as long as the target "
+                                    "aspect", section=MORE)
+    split_overlap: float = option(0.2, "fraction of a tile shared with its neighbour (0 to 0.9)", section=MORE)
+    flip: bool = option(False, "also write a mirrored copy of each output (not for asymmetric subjects such as "
+                        "text)", label="Add flipped copies", section=COMMON)
+    keep_alpha: bool = option(False, "keep transparency (RGBA PNG) instead of flattening it onto the background "
+                              "colour", section=MORE)
+    background: str = option("#ffffff", "colour transparent pixels are flattened onto: a name or #rrggbb",
+                             section=MORE)
+    dedupe: bool = option(True, "write images with identical decoded pixels once", label="Drop duplicates",
+                          section=COMMON)
+    min_size: int = option(32, "skip images whose shorter side is below this many pixels", section=MORE)
+    overwrite: bool = option(False, "allow writing into a folder that already holds images (same-named files are "
+                             "replaced)", label="Overwrite outputs", section=COMMON)
+    caption_extension: str = option(".txt", "caption files copied along with each image", section=MORE)
 
     def __post_init__(self) -> None:
         for name in ("width", "height"):
@@ -138,9 +132,6 @@ class PrepareReport:
     written: list[Written] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     stopped: bool = False  # should_stop() asked to stop before every source was done
-
-    def outputs_of(self, source: Path) -> list[Written]:
-        return [w for w in self.written if w.source == source]
 
     def format(self) -> str:
         used = len({w.source for w in self.written})

@@ -53,8 +53,8 @@ def build_random_engine(arch: str, *, device, dtype, seed: int = 0):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from .engines.standalone import StandaloneEngine, TextEncoder
-    from .tokenizer_files import write_clip_tokenizer
+    from ..engines.standalone import StandaloneEngine, TextEncoder
+    from ..formats.clip_tokenizer import write_clip_tokenizer
 
     spec = ARCHES[arch]
     torch.manual_seed(seed)

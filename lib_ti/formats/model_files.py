@@ -1,250 +1,24 @@
-"""Tiny random-weight Stable Diffusion models in the real SD1 / SD2 / SDXL architectures.
+"""A diffusers pipeline on disk: as a diffusers folder, or as the single-file checkpoint the webuis load.
 
-They exist so tests can exercise every code path (loading, tokenizing, training,
-saving, webui single files) offline and in seconds on a CPU. The layers, key names
-and family quirks are the real ones; only the widths and depths are shrunk:
-
-* UNet: 2 levels of (32, 64) channels, 2 resnets per level, GroupNorm(32) like ldm.
-* VAE: 4 levels (32, 32, 64, 64), so the latent is 1/8 of the image as on real models
-  (the webui hard-codes that factor).
-* Text encoders: the full 49408-token CLIP vocabulary and 77 positions, so the real
-  tokenizer works; 3 layers, 32 wide (SDXL's OpenCLIP-G encoder: 64 wide, projection 48,
-  so the two SDXL encoders can never be confused for one another).
-
-Every parameter gets a little seeded noise on top of its default init: LayerNorm and
-GroupNorm weights would otherwise all be 1 and a key-mapping mix-up between two of
-them would go unnoticed by the bit-exact round-trip tests.
-
-``single_file=True`` also writes the checkpoint the AUTOMATIC1111 webui loads: one
-``.safetensors`` in the original CompVis (SD1/SD2) or Stability sgm (SDXL) key layout,
-a same-named ``.yaml`` original config, and the local folders that yaml points at.
+A single file is one ``.safetensors`` in the original key layout (CompVis ldm for SD1/SD2,
+Stability sgm for SDXL) with a same-named ``.yaml`` original config, as the AUTOMATIC1111 webui
+expects; ``save_single_file`` converts the diffusers components' keys and writes both. Used for
+the tiny test models and the shipped micro model; real-size models built with random weights
+convert the same way.
 """
 
 from __future__ import annotations
 
 import math
-import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from .errors import TIError
-from .tokenizer_files import EOS, MAX_LENGTH, VOCAB_SIZE, write_clip_tokenizer
+from ..errors import TIError
+from .clip_tokenizer import MAX_LENGTH, VOCAB_SIZE, write_clip_tokenizer
 
-FAMILIES = ("sd1", "sd2", "sdxl")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
-_DEFAULT_PREDICTION = {"sd1": "epsilon", "sd2": "v_prediction", "sdxl": "epsilon"}
-
-IMAGE_SIZE = 64
-_UNET_CHANNELS = (32, 64)
-_LAYERS_PER_BLOCK = 2
-_HEAD_CHANNELS = 8  # SD2 / SDXL give a head width (64 on real models), not a head count
-_VAE_CHANNELS = (32, 32, 64, 64)
-_TIME_EMBED_DIM = 8  # SDXL size/crop conditioning width per number (256 on the real model)
-_VAE_SCALING = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
-
-# Text encoder shapes by kind. clip_l: OpenAI CLIP-L (SD1, SDXL's first encoder); clip_h:
-# OpenCLIP ViT-H (SD2); clip_g: OpenCLIP ViT-bigG (SDXL's second encoder, with projection).
-_TEXT = {
-    "clip_l": {"hidden_size": 32, "hidden_act": "quick_gelu", "pad": EOS},
-    "clip_h": {"hidden_size": 32, "hidden_act": "gelu", "pad": "!"},
-    "clip_g": {"hidden_size": 64, "hidden_act": "gelu", "pad": "!", "projection_dim": 48},
-}
-_TEXT_LAYERS = 3
-_BOS_ID, _EOS_ID = VOCAB_SIZE - 2, VOCAB_SIZE - 1
 _LOGIT_SCALE = math.log(1 / 0.07)  # OpenCLIP's initial logit scale; stored in real SD2/SDXL files
-
-
-def build_tiny_model(
-    family: str,
-    out_dir: str | Path,
-    *,
-    seed: int = 0,
-    prediction_type: str | None = None,
-    single_file: bool = False,
-) -> Path:
-    """Build a tiny random-weight ``family`` model ("sd1", "sd2" or "sdxl") into ``out_dir``.
-
-    Without ``single_file`` it writes a diffusers folder (``pipeline.save_pretrained``,
-    safetensors) and returns ``out_dir``. With ``single_file`` it writes, in ``out_dir``:
-
-    * ``tiny-<family>.safetensors``: the original-layout checkpoint (returned),
-    * ``tiny-<family>.yaml``: the matching original config,
-    * ``tiny-<family>.clip_l/``: CLIP config + tokenizer, the yaml's ``version`` folder
-      (SD1, SDXL),
-    * ``tiny-<family>.open_clip/<arch>.json``: the OpenCLIP model config the yaml's
-      ``arch`` names (SD2, SDXL); register it with ``open_clip.add_model_config``,
-    * ``tiny-<family>.diffusers/``: the diffusers component configs without weights,
-      the ``config=`` folder for diffusers' ``from_single_file``.
-
-    ``prediction_type`` defaults to "v_prediction" for sd2 and "epsilon" otherwise.
-    The same ``seed`` always gives the same weights, in either form.
-    """
-    from .engines.standalone import quiet_libraries
-
-    prediction = _check_args(family, prediction_type)
-    quiet_libraries()  # no per-shard progress bars from save_pretrained
-    pipe = _build_pipeline(family, seed, prediction)
-    out = Path(out_dir)
-    if not single_file:
-        save_diffusers(pipe, out)
-        return out
-    return _save_single_file(pipe, family, prediction, seed, out)
-
-
-def _check_args(family: str, prediction_type: str | None) -> str:
-    if family not in FAMILIES:
-        raise TIError(f"unknown model family {family!r}; use one of {', '.join(FAMILIES)}")
-    prediction = prediction_type or _DEFAULT_PREDICTION[family]
-    if prediction not in PREDICTION_TYPES:
-        raise TIError(f"unknown prediction_type {prediction_type!r}; use one of {', '.join(PREDICTION_TYPES)} or None")
-    return prediction
-
-
-# --------------------------------------------------------------------------- building
-
-
-def _seeded(seed: int, make):
-    """Build a module from ``make()`` under its own seed, then jitter every parameter.
-
-    fork_rng keeps the caller's global RNG untouched, so building a model never
-    changes what a test's later random draws are.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        module = make()
-        with torch.no_grad():
-            for param in module.parameters():
-                param.add_(torch.randn_like(param) * 0.02)
-    return module.eval()
-
-
-def _build_pipeline(family: str, seed: int, prediction: str):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    parts = {
-        "unet": _seeded(seed + 1, lambda: _unet(family)),
-        "vae": _seeded(seed + 2, lambda: _vae(family)),
-        "scheduler": sd_scheduler(prediction),
-    }
-    if family == "sdxl":
-        parts["text_encoder"] = _seeded(seed + 3, lambda: _text_encoder("clip_l"))
-        parts["text_encoder_2"] = _seeded(seed + 4, lambda: _text_encoder("clip_g", with_projection=True))
-        parts["tokenizer"] = _tokenizer("clip_l")
-        parts["tokenizer_2"] = _tokenizer("clip_g")
-        return StableDiffusionXLPipeline(**parts, add_watermarker=False)
-    kind = "clip_l" if family == "sd1" else "clip_h"
-    parts["text_encoder"] = _seeded(seed + 3, lambda: _text_encoder(kind))
-    parts["tokenizer"] = _tokenizer(kind)
-    return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-
-
-def _text_config(kind: str, num_layers: int = _TEXT_LAYERS):
-    from transformers import CLIPTextConfig
-
-    spec = _TEXT[kind]
-    width = spec["hidden_size"]
-    return CLIPTextConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=width,
-        intermediate_size=4 * width,  # OpenCLIP's fixed mlp_ratio; CLIP-L has it too
-        num_attention_heads=width // _HEAD_CHANNELS,
-        num_hidden_layers=num_layers,
-        max_position_embeddings=MAX_LENGTH,
-        hidden_act=spec["hidden_act"],
-        layer_norm_eps=1e-5,
-        projection_dim=spec.get("projection_dim", width),
-        bos_token_id=_BOS_ID,
-        eos_token_id=_EOS_ID,  # not the legacy 2: pool at the first EOS, whatever the pad token
-        pad_token_id=0 if spec["pad"] == "!" else _EOS_ID,
-    )
-
-
-def _text_encoder(kind: str, with_projection: bool = False, num_layers: int = _TEXT_LAYERS):
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    return cls(_text_config(kind, num_layers))
-
-
-def _tokenizer(kind: str):
-    from transformers import CLIPTokenizer
-
-    with tempfile.TemporaryDirectory() as tmp:
-        return CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp, pad_token=_TEXT[kind]["pad"]))
-
-
-def _unet(family: str):
-    from diffusers import UNet2DConditionModel
-
-    n_levels = len(_UNET_CHANNELS)
-    common = {
-        "sample_size": IMAGE_SIZE // 2 ** (len(_VAE_CHANNELS) - 1),
-        "block_out_channels": _UNET_CHANNELS,
-        "layers_per_block": _LAYERS_PER_BLOCK,
-        "norm_num_groups": 32,  # ldm's GroupNorm32: other values could not be written as a webui checkpoint
-    }
-    heads = tuple(c // _HEAD_CHANNELS for c in _UNET_CHANNELS)
-    if family == "sdxl":
-        # Real SDXL: no attention at the top level, deeper transformers further down.
-        text_width = _TEXT["clip_l"]["hidden_size"] + _TEXT["clip_g"]["hidden_size"]
-        return UNet2DConditionModel(
-            **common,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=text_width,
-            attention_head_dim=heads,
-            use_linear_projection=True,
-            transformer_layers_per_block=(1, 2),
-            addition_embed_type="text_time",
-            addition_time_embed_dim=_TIME_EMBED_DIM,
-            # pooled clip_g projection + 6 numbers (original size, crop, target size)
-            projection_class_embeddings_input_dim=_TEXT["clip_g"]["projection_dim"] + 6 * _TIME_EMBED_DIM,
-        )
-    # SD1/SD2: attention on every level but the lowest.
-    down = ("CrossAttnDownBlock2D",) * (n_levels - 1) + ("DownBlock2D",)
-    up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n_levels - 1)
-    kind = "clip_l" if family == "sd1" else "clip_h"
-    if family == "sd1":
-        extra = {"attention_head_dim": 8}  # SD1's "head dim" is really its head count
-    else:
-        extra = {"attention_head_dim": heads, "use_linear_projection": True}
-    return UNet2DConditionModel(
-        **common, down_block_types=down, up_block_types=up, cross_attention_dim=_TEXT[kind]["hidden_size"], **extra
-    )
-
-
-def _vae(family: str):
-    from diffusers import AutoencoderKL
-
-    n_levels = len(_VAE_CHANNELS)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * n_levels,
-        up_block_types=("UpDecoderBlock2D",) * n_levels,
-        block_out_channels=_VAE_CHANNELS,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=IMAGE_SIZE,
-        scaling_factor=_VAE_SCALING[family],
-    )
-
-
-def sd_scheduler(prediction: str):
-    """The SD noise schedule (scaled-linear betas, 1000 steps) with the Euler sampler the webui defaults to."""
-    from diffusers import EulerDiscreteScheduler
-
-    return EulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type=prediction,
-        timestep_spacing="leading",
-        steps_offset=1,
-    )
 
 
 def save_diffusers(pipe, out: Path) -> None:
@@ -258,49 +32,62 @@ def save_diffusers(pipe, out: Path) -> None:
             write_clip_tokenizer(out / name, pad_token=tokenizer.pad_token)
 
 
-# --------------------------------------------------------------------------- single file
-
-
 def save_single_file(pipe, family: str, out_dir: str | Path, *, name: str, prediction: str = "epsilon",
-                     seed: int = 0) -> Path:
-    """Write ``pipe`` as ``<name>.safetensors`` in the original layout, with its ``.yaml`` and side
-    folders (see ``build_tiny_model``); for other small models built in the real architectures."""
-    return _save_single_file(pipe, family, prediction, seed, Path(out_dir), name)
+                     sd2_spare_layer: Mapping[str, torch.Tensor] | None = None, seed: int = 0,
+                     clip_folder: str | None = None, config_folder: bool = True) -> Path:
+    """Write ``pipe`` as ``<name>.safetensors`` in the original layout, with ``<name>.yaml`` beside it.
 
+    Also written beside it, unless the options say where they already are:
 
-def _save_single_file(pipe, family: str, prediction: str, seed: int, out: Path, name: str | None = None) -> Path:
+    * ``<name>.clip_l/`` (SD1, SDXL): the CLIP config + tokenizer folder the yaml's ``version``
+      names; ``clip_folder`` instead names an existing such folder (written into the yaml as given);
+    * ``<name>.open_clip/<arch>.json`` (SD2, SDXL): the OpenCLIP model config the yaml's ``arch``
+      names; register it with ``open_clip.add_model_config``;
+    * ``<name>.diffusers/`` when ``config_folder``: the diffusers component configs without
+      weights, the ``config=`` folder of diffusers' ``from_single_file``.
+
+    SD2 files hold one OpenCLIP layer more than diffusers keeps (SD2 conditions on the penultimate
+    layer) and an unused projection; ``sd2_spare_layer`` gives that layer's weights (HF CLIP layer
+    keys: ``layer_norm1.weight``, ...), the projection is drawn from ``seed``. Their values never
+    affect the conditioning, but the webui's OpenCLIP embedder expects them.
+    """
     from safetensors.torch import save_file
 
-    name = name or f"tiny-{family}"
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {**_unet_to_ldm(pipe.unet), **_vae_to_ldm(pipe.vae)}
     if family == "sd1":
         state.update(_clip_to_ldm(pipe.text_encoder, "cond_stage_model.transformer."))
     elif family == "sd2":
-        state.update(_sd2_text_to_openclip(pipe.text_encoder, seed))
+        if sd2_spare_layer is None:
+            raise TIError("an SD2 single file needs the spare OpenCLIP layer's weights (sd2_spare_layer)")
+        state.update(_sd2_text_to_openclip(pipe.text_encoder, sd2_spare_layer, seed))
     else:
         state.update(_clip_to_ldm(pipe.text_encoder, "conditioner.embedders.0.transformer."))
         state.update(_clip_to_openclip(pipe.text_encoder_2, "conditioner.embedders.1.model."))
     state = {k: v.detach().clone().contiguous() for k, v in state.items()}
     ckpt = out / f"{name}.safetensors"
     save_file(state, ckpt, metadata={"format": "pt"})
-    folders = _write_side_folders(pipe, family, out / name)
+    folders = _write_side_folders(pipe, family, out / name, clip_folder, config_folder)
     _write_yaml(ckpt.with_suffix(".yaml"), _original_config(pipe, family, prediction, folders))
     return ckpt
 
 
-def _write_side_folders(pipe, family: str, stem: Path) -> dict[str, str]:
+def _write_side_folders(pipe, family: str, stem: Path, clip_folder: str | None, config_folder: bool) -> dict[str, str]:
     """Write the folders the yaml and diffusers' ``from_single_file`` need; return the yaml's paths."""
-    diffusers_dir = stem.with_name(stem.name + ".diffusers")
-    save_diffusers(pipe, diffusers_dir)
-    for weights in [*diffusers_dir.rglob("*.safetensors"), *diffusers_dir.rglob("*.bin")]:
-        weights.unlink()  # configs only: the weights must come from the single file
+    if config_folder:
+        diffusers_dir = stem.with_name(stem.name + ".diffusers")
+        save_diffusers(pipe, diffusers_dir)
+        for weights in [*diffusers_dir.rglob("*.safetensors"), *diffusers_dir.rglob("*.bin")]:
+            weights.unlink()  # configs only: the weights must come from the single file
     folders: dict[str, str] = {}
     if family in ("sd1", "sdxl"):
-        clip_dir = stem.with_name(stem.name + ".clip_l")
-        pipe.text_encoder.config.save_pretrained(clip_dir)
-        write_clip_tokenizer(clip_dir)
-        folders["clip_l"] = str(clip_dir.resolve())
+        if clip_folder is None:
+            clip_dir = stem.with_name(stem.name + ".clip_l")
+            pipe.text_encoder.config.save_pretrained(clip_dir)
+            write_clip_tokenizer(clip_dir)
+            clip_folder = str(clip_dir.resolve())
+        folders["clip_l"] = clip_folder
     if family in ("sd2", "sdxl"):
         encoder = pipe.text_encoder if family == "sd2" else pipe.text_encoder_2
         arch = f"{stem.name}-{'clip_h' if family == 'sd2' else 'clip_g'}"
@@ -385,7 +172,7 @@ def _rename_all(state: dict, prefixes, inner: dict[str, str], where: str) -> dic
     for key, value in state.items():
         match = next(((d, o, flag) for d, o, flag in prefixes if key.startswith(d)), None)
         if match is None:
-            raise TIError(f"{where}: no original-layout name for {key!r}; tiny.py's key map is incomplete")
+            raise TIError(f"{where}: no original-layout name for {key!r}; the converter's key map is incomplete for this architecture")
         d_prefix, o_prefix, flagged = match
         rest = key[len(d_prefix) :]
         if flagged:
@@ -448,7 +235,7 @@ def _vae_to_ldm(vae) -> dict[str, torch.Tensor]:
     return out
 
 
-def _text_state(encoder) -> dict[str, torch.Tensor]:
+def text_state(encoder) -> dict[str, torch.Tensor]:
     """The encoder's state dict with keys relative to the text model (no "text_model." prefix).
 
     transformers >= 5.6 dropped that prefix from CLIPTextModel but not from
@@ -459,7 +246,7 @@ def _text_state(encoder) -> dict[str, torch.Tensor]:
 
 def _clip_to_ldm(encoder, prefix: str) -> dict[str, torch.Tensor]:
     """HF CLIP keys under ``prefix + "text_model."``, as ldm's FrozenCLIPEmbedder stores them."""
-    state = {f"{prefix}text_model.{k}": v for k, v in _text_state(encoder).items()}
+    state = {f"{prefix}text_model.{k}": v for k, v in text_state(encoder).items()}
     # Real SD1/SDXL files carry this buffer (persistent in the transformers of their time).
     state[f"{prefix}text_model.embeddings.position_ids"] = torch.arange(MAX_LENGTH, dtype=torch.int64)[None]
     return state
@@ -492,7 +279,7 @@ def _clip_to_openclip(encoder, prefix: str, extra_layer=None) -> dict[str, torch
     ``extra_layer`` (an HF encoder layer state, keys "layer_norm1.weight" ...) is
     appended as the last resblock: SD2 keeps one more layer than it uses.
     """
-    state = _text_state(encoder)
+    state = text_state(encoder)
     n_layers = encoder.config.num_hidden_layers
     out = {
         f"{prefix}token_embedding.weight": state["embeddings.token_embedding.weight"],
@@ -510,17 +297,9 @@ def _clip_to_openclip(encoder, prefix: str, extra_layer=None) -> dict[str, torch
     return out
 
 
-def _sd2_text_to_openclip(encoder, seed: int) -> dict[str, torch.Tensor]:
-    """SD2's OpenCLIP-H layout: one resblock more than diffusers keeps, plus an unused projection.
-
-    SD2 conditions on the penultimate layer, so diffusers' encoder drops the last
-    OpenCLIP layer; real SD2 files still hold it (and the text projection), and the
-    webui's OpenCLIP embedder expects them. They are seeded random here.
-    """
-    spare = _seeded(seed + 5, lambda: _text_encoder("clip_h", num_layers=1))
-    layer = "encoder.layers.0."
-    extra = {k.removeprefix(layer): v for k, v in _text_state(spare).items() if k.startswith(layer)}
-    out = _clip_to_openclip(encoder, "cond_stage_model.model.", extra_layer=extra)
+def _sd2_text_to_openclip(encoder, spare_layer: Mapping[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """SD2's OpenCLIP-H layout: one resblock more than diffusers keeps, plus an unused projection."""
+    out = _clip_to_openclip(encoder, "cond_stage_model.model.", extra_layer=spare_layer)
     width = encoder.config.hidden_size
     generator = torch.Generator().manual_seed(seed + 6)
     out["cond_stage_model.model.text_projection"] = torch.randn(width, width, generator=generator) * width**-0.5
@@ -557,13 +336,21 @@ def _ldm_unet_params(unet, family: str) -> dict:
     if family == "sd1":
         params["num_heads"] = cfg.attention_head_dim  # diffusers' "head dim" is SD1's head count
     else:
-        params.update(num_head_channels=_HEAD_CHANNELS, use_linear_in_transformer=True)
+        params.update(num_head_channels=_head_channels(cfg), use_linear_in_transformer=True)
     if family == "sdxl":
         params.update(adm_in_channels=cfg.projection_class_embeddings_input_dim, num_classes="sequential")
         params["spatial_transformer_attn_type"] = "softmax-xformers"
     else:
         params.update(image_size=cfg.sample_size, use_fp16=False)
     return params
+
+
+def _head_channels(cfg) -> int:
+    """SD2/SDXL configs give heads per level; ldm/sgm take the (constant) channels per head."""
+    heads = cfg.attention_head_dim
+    level = next(i for i, t in enumerate(cfg.down_block_types) if "CrossAttn" in t)
+    count = heads[level] if isinstance(heads, (list, tuple)) else heads
+    return cfg.block_out_channels[level] // count
 
 
 def _ldm_vae_params(vae, target: str) -> dict:

@@ -14,33 +14,25 @@ from pathlib import Path
 
 from PIL import Image
 
-from .dataset import UNREADABLE, discover, read_image, unreadable_reason
-from .errors import PREFIX, TIError, warn
-from .fileio import write_text
+from ..images import UNREADABLE, discover, read_image, unreadable_reason
+from ..errors import PREFIX, TIError, warn
+from ..fileio import write_text
+from ..options import option
 from .reports import Skipped, skip, skipped_lines
 
 Captioner = Callable[[list[Image.Image]], list[str]]
 Progress = Callable[[int, int, Path], None]  # (images done, images to caption, the last one done)
 
-# What each option does, for --help and the tab's tooltips.
-CAPTION_HELP: dict[str, str] = {
-    "overwrite": "replace existing caption files (they are kept otherwise)",
-    "prefix": 'text put verbatim before each caption, e.g. "photo of "',
-    "suffix": 'text put verbatim after each caption, e.g. ", studio light"',
-    "trigger": 'put this first in each caption unless it is there already, e.g. "[name]" or the embedding name',
-    "batch_size": "images per captioning call",
-    "caption_extension": "caption file extension, beside each image",
-}
-
-
 @dataclass
 class CaptionOptions:
-    overwrite: bool = False  # replace existing caption files
-    prefix: str = ""  # put verbatim before each generated caption, e.g. "photo of "
-    suffix: str = ""  # put verbatim after it, e.g. ", high quality"
-    trigger: str = ""  # e.g. "[name]" or the embedding's name: put first ("[name], ...") unless already there
-    batch_size: int = 4  # images per captioner call
-    caption_extension: str = ".txt"
+    overwrite: bool = option(False, "replace existing caption files (they are kept otherwise)",
+                             label="Overwrite existing captions")
+    prefix: str = option("", 'text put verbatim before each caption, e.g. "photo of "')
+    suffix: str = option("", 'text put verbatim after each caption, e.g. ", studio light"')
+    trigger: str = option("", 'put this first in each caption unless it is there already, e.g. "[name]" or the '
+                          "embedding name")
+    batch_size: int = option(4, "images per captioning call", ui=False)
+    caption_extension: str = option(".txt", "caption file extension, beside each image", ui=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:

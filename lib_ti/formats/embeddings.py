@@ -65,9 +65,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .embedding import SDXL_KEYS, Embedding
-from .errors import TIError
-from .fileio import atomic_path, load_torch
+from ..embedding import Embedding
+from ..errors import TIError
+from ..families import SDXL_KEYS
+from ..fileio import atomic_path, load_torch
 
 FORMATS = ("safetensors", "pt", "png", "webp", "diffusers")
 _SUFFIX_FORMATS = {".safetensors": "safetensors", ".pt": "pt", ".bin": "pt", ".png": "png", ".webp": "webp"}

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import warn
+from ..errors import warn
 
 
 @dataclass(frozen=True)

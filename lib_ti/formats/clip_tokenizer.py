@@ -16,7 +16,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from .errors import TIError
+from ..errors import TIError
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 BOS = "<|startoftext|>"

@@ -10,10 +10,9 @@ training, and writes them as one grid. The same run, scored, is ``python -m lib_
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from .errors import PREFIX
+from ..errors import PREFIX, say
 
 
 def add_parser(sub) -> None:
@@ -26,16 +25,18 @@ def add_parser(sub) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from .micro import assets
-    from .micro.classifier import load_classifier
-    from .micro.quality import QualityConfig, StandaloneTarget, format_report, load_micro_engine, run_quality
+    # Heavy: torch and the model libraries.
+    from ..micro import assets
+    from ..micro.classifier import load_classifier
+    from ..micro.quality import QualityConfig, StandaloneTarget, format_report, load_micro_engine, run_quality
+    from .progress import ConsoleProgress
 
     model = str(assets.model_folder())
     cfg = QualityConfig(steps=args.steps, eval_every=args.steps, renders=8, out=args.out)
     classifier = load_classifier(assets.classifier_file())
-    print(f"{PREFIX} loading the micro model {model}", file=sys.stderr)
-    target = StandaloneTarget(load_micro_engine(model), model, progress_bar=True)
-    report = run_quality(target, classifier, cfg, progress=lambda msg: print(f"{PREFIX} {msg}", file=sys.stderr))
+    say(f"loading the micro model {model}")
+    target = StandaloneTarget(load_micro_engine(model), model, on_event=ConsoleProgress())
+    report = run_quality(target, classifier, cfg, progress=say)
     print(format_report(report))
     print(f"{PREFIX} demo done in {report['total_wall_s']:.0f}s.\n"
           f"  embedding: {report['embedding']}  (use '{cfg.token}' in a prompt)\n"

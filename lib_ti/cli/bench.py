@@ -1,0 +1,126 @@
+"""``python -m lib_ti bench speed | quality``: the benchmarks' command line.
+
+The measurements live in ``lib_ti.bench.speed`` and ``lib_ti.micro.quality``; here are their flags,
+the choice of engine, and the console output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import TIError, say
+
+ENGINES = ("standalone", "webui")  # who runs the quality benchmark's loop: this process, or a running webui
+
+
+def add_parser(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks", description="Benchmarks of the trainer.")
+    kinds = bench.add_subparsers(title="benchmarks")
+    _add_speed(kinds)
+    _add_quality(kinds)
+
+
+# ---------------------------------------------------------------------- bench speed
+def _add_speed(kinds) -> None:
+    from ..bench.speed import REAL_ARCHES, TINY_ARCHES, SpeedSettings
+
+    d = SpeedSettings()
+    speed = kinds.add_parser("speed", help="time training steps (steps/s, images/s, peak memory, time to first step)",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    source = speed.add_mutually_exclusive_group()
+    source.add_argument("--model", default=d.model, help="a diffusers folder or single-file checkpoint to benchmark")
+    source.add_argument("--arch", default=d.arch, choices=TINY_ARCHES + REAL_ARCHES,
+                        help="a built-in model with random weights: tiny-* (seconds to build) or the real "
+                             "architectures sd15/sd21/sdxl at full size (random weights)")
+    speed.add_argument("--resolution", type=int, default=d.resolution, help="training resolution in pixels (square)")
+    speed.add_argument("--batch-size", type=int, default=d.batch_size)
+    speed.add_argument("--steps", type=int, default=d.steps, help="timed steps (the protocol uses 200 on a GPU)")
+    speed.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps before the timed window")
+    speed.add_argument("--vectors", type=int, default=d.vectors, help="vectors per token")
+    speed.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "fp16", "bf16"])
+    speed.add_argument("--gradient-checkpointing", action="store_true")
+    speed.add_argument("--device", default=d.device)
+    speed.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
+    speed.set_defaults(run=run_speed)
+
+
+def run_speed(args: argparse.Namespace) -> int:
+    from ..bench import speed  # heavy: torch
+
+    settings = speed.SpeedSettings(
+        model=args.model, arch=args.arch, resolution=args.resolution, batch_size=args.batch_size, steps=args.steps,
+        warmup=args.warmup, vectors=args.vectors, precision=args.precision,
+        gradient_checkpointing=args.gradient_checkpointing, device=args.device)
+    figures = speed.run(settings)
+    print(speed.format_report(figures))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+# ---------------------------------------------------------------------- bench quality
+def _add_quality(kinds) -> None:
+    from ..micro.quality import QualityConfig
+    from ..micro.shapes import SHAPES
+
+    d = QualityConfig()
+    quality = kinds.add_parser("quality", help="train an embedding on the micro model and score renders of it "
+                               "(shape accuracy per step, colour-follows-prompt, init-word baseline)",
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    quality.add_argument("--engine", default="standalone", choices=ENGINES,
+                         help="who runs the loop: this process (standalone) or a running webui with this extension")
+    quality.add_argument("--webui-url", default="http://127.0.0.1:7860",
+                         help="--engine webui: the webui (started with --api)")
+    quality.add_argument("--webui-auth", help="--engine webui: user:password if the webui uses --api-auth")
+    quality.add_argument("--model", help="a micro-world model: diffusers folder or single file (default: the shipped one)")
+    quality.add_argument("--classifier", help="the shapes classifier (default: the shipped one)")
+    quality.add_argument("--concept", default=d.concept, choices=SHAPES)
+    quality.add_argument("--init-text", default=d.init_text)
+    for name in ("num_images", "steps", "eval_every", "renders", "sampler_steps", "seed"):
+        quality.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
+    quality.add_argument("--cfg-scale", type=float, default=d.cfg_scale)
+    quality.add_argument("--threads", type=int, default=1,
+                         help="torch CPU threads (1: the micro model's tensors are too small to split between cores)")
+    quality.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
+                         help="a trainer setting other than its default, to compare (repeatable; VALUE is read as "
+                         "YAML): e.g. --train-set template=captions --train-set learning_rate=0.002")
+    quality.add_argument("--out", default=d.out, help="folder for the images, the run, grid.png and report.json")
+    quality.add_argument("--json", dest="json_out", help="also copy report.json here")
+    quality.set_defaults(run=run_quality)
+
+
+def run_quality(args: argparse.Namespace) -> int:
+    # Heavy: torch and the model libraries.
+    from ..micro import assets, quality
+    from ..micro.classifier import load_classifier
+
+    cfg = quality.QualityConfig(
+        concept=args.concept, init_text=args.init_text, num_images=args.num_images, steps=args.steps,
+        eval_every=args.eval_every, renders=args.renders, sampler_steps=args.sampler_steps, cfg_scale=args.cfg_scale,
+        seed=args.seed, out=args.out, train_settings=quality.parse_train_settings(args.train_set))
+    quality.train_config(cfg, "", Path(cfg.out), "run")  # a bad setting fails here, before any model loads
+    classifier = load_classifier(args.classifier or assets.classifier_file())
+    target = _quality_target(args)
+    report = quality.run_quality(target, classifier, cfg, progress=say)
+    print(quality.format_report(report))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def _quality_target(args: argparse.Namespace):
+    from ..micro import assets
+
+    if args.engine == "webui":
+        if args.model:
+            raise TIError("--model is for --engine standalone; the webui trains on the checkpoint it has loaded")
+        from ..micro.webui_target import WebuiTarget
+
+        return WebuiTarget(args.webui_url, args.webui_auth, progress=say)
+    from ..micro.quality import StandaloneTarget, load_micro_engine
+    from .progress import ConsoleProgress
+
+    model = args.model or str(assets.model_folder())
+    return StandaloneTarget(load_micro_engine(model, args.threads), model, on_event=ConsoleProgress())
