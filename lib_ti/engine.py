@@ -6,10 +6,13 @@ webui adapter in ``hosts/``. The loop never touches a model object directly.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from .embedding import Embedding
 from .errors import TIError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -45,6 +48,37 @@ class Engine(Protocol):
 
     def render_preview(self, request: "PreviewRequest", token: str, vectors: dict[str, torch.Tensor]) -> Any:
         """A PIL image for the prompt, with the current vectors."""
+
+
+TRAINER = "sd-webui-ti-trainer"  # written into every embedding file's metadata
+
+
+def embedding_of(engine: Engine, name: str, vectors: dict[str, torch.Tensor], step: int) -> Embedding:
+    """A float32 CPU copy of ``vectors`` as an embedding file's content: the step and the checkpoint trained on."""
+    return Embedding(name, vectors, step, engine.checkpoint_hash or None, engine.checkpoint_name or None,
+                     {"trainer": TRAINER}).detached()
+
+
+@contextlib.contextmanager
+def frozen_modules(modules: Iterable[torch.nn.Module], *, eval_mode: bool) -> Iterator[None]:
+    """Inside the block no parameter of ``modules`` requires grad (and, with ``eval_mode``, none is in
+    training mode: no dropout); the flags are put back afterwards, also after an error."""
+    modules = list(modules)
+    saved = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    modes = [(m, m.training) for m in modules]
+    for p, _ in saved:
+        p.requires_grad_(False)
+    if eval_mode:
+        for m in modules:
+            m.eval()
+    try:
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+        if eval_mode:
+            for m, mode in modes:
+                m.train(mode)
 
 
 class PreviewRequest:

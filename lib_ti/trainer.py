@@ -23,9 +23,12 @@ from . import events
 from .checkpoints import TrainingState, list_states, load_latest, remove_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import TrainingData, prepare_data
-from .embedding import Embedding, match_to_model
-from .engine import Engine, PreviewRequest, add_noise, min_snr_weights, training_target
+from .devices import autocast_dtype
+from .embedding import match_to_model
+from .engine import Engine, PreviewRequest, add_noise, embedding_of, min_snr_weights, training_target
 from .errors import TIError
+from .fileio import atomic_path
+from .formats.embeddings import load_embedding, save_embedding
 from .latents import LatentCache
 from .losslog import LossLog
 from .schedule import parse_schedule
@@ -37,24 +40,21 @@ EventHandler = Callable[[object], None]
 
 
 def train(engine: Engine, cfg: TrainConfig, *, data: TrainingData | None = None, resume: bool = False,
-          on_event: EventHandler | None = None, should_stop: Callable[[], bool] = lambda: False,
-          preview_fn: Callable | None = None) -> events.Result:
+          on_event: EventHandler | None = None, should_stop: Callable[[], bool] = lambda: False) -> events.Result:
     """Train ``cfg.name`` on ``engine``; report through ``on_event``; stop cleanly when ``should_stop()``."""
     emit = on_event or (lambda _event: None)
     t_start = time.perf_counter()
     data = data or prepare_data(cfg)
-    run = _Run(engine, cfg, data, emit, preview_fn or engine.render_preview)
-    run.restore_or_start(resume)
-    try:
-        with engine.frozen():
-            engine.set_gradient_checkpointing(cfg.gradient_checkpointing)
-            run.cache_latents()
-            emit(events.Started(run.step, run.total, data.num_images, len(data.samples), run.notes,
-                                time.perf_counter() - t_start))
+    with engine.frozen():
+        engine.set_gradient_checkpointing(cfg.gradient_checkpointing)
+        run = _Run.resume(engine, cfg, data, emit) if resume else _Run.start(engine, cfg, data, emit)
+        emit(events.Started(run.step, run.total, data.num_images, len(data.samples), run.notes,
+                            time.perf_counter() - t_start))
+        try:
             reason = run.loop(should_stop)
-    except Exception:
-        run.save_after_error()
-        raise
+        except Exception:
+            run.save_after_error()
+            raise
     final_path = run.save(is_final=True)
     result = events.Result(run.step, final_path, run.log.last_loss, reason != "done", run.describe(reason),
                            run.skipped)
@@ -70,76 +70,65 @@ class Batch:
 
 
 class _Run:
-    """The state of one training run, and the steps that change it."""
+    """The state of one training run, and the steps that change it. Built by ``start`` or ``resume``."""
 
-    def __init__(self, engine: Engine, cfg: TrainConfig, data: TrainingData, emit: EventHandler, preview_fn) -> None:
-        self.engine, self.cfg, self.data, self.emit, self.preview_fn = engine, cfg, data, emit, preview_fn
+    def __init__(self, engine: Engine, cfg: TrainConfig, data: TrainingData, emit: EventHandler, *, step: int,
+                 vectors: dict[str, torch.Tensor], params: list[torch.Tensor], optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler, log: LossLog, latents: LatentCache, notes: list[str]) -> None:
+        self.engine, self.cfg, self.data, self.emit = engine, cfg, data, emit
         self.lr_schedule = parse_schedule(cfg.learning_rate)
         self.clip_schedule = parse_schedule(cfg.clip_value, what="clip value")
         self.total = self.lr_schedule.planned_steps(cfg.steps)
-        self.notes = [n for n in [self.lr_schedule.describe_end(cfg.steps)] if n]
-        self.device = engine.device
-        self.precision = resolve_precision(cfg.precision, self.device)
+        self.precision = autocast_dtype(cfg.precision, engine.device)
         self.run_dir = cfg.run_dir
+        self.start_step = self.step = step
+        self.vectors, self.params = vectors, params  # every encoder's vectors; the trained ones
+        self.optimizer, self.scaler, self.log, self.latents = optimizer, scaler, log, latents
+        self.notes = notes
         self.skipped = self.bad_streak = 0
 
-    # ------------------------------------------------------------------ setup
-    def restore_or_start(self, resume: bool) -> None:
-        state = load_latest(self.run_dir, self.cfg.name) if resume else None
+    # ------------------------------------------------------------------ the two ways a run begins
+    @classmethod
+    def start(cls, engine: Engine, cfg: TrainConfig, data: TrainingData, emit: EventHandler) -> _Run:
+        """A new run: the run folder must hold no checkpoint of this name unless ``overwrite``."""
+        _clear_old_run(cfg)
+        vectors, notes = _initial_vectors(engine, cfg)
+        return cls._build(engine, cfg, data, emit, step=0, vectors=vectors, notes=notes, state=None)
+
+    @classmethod
+    def resume(cls, engine: Engine, cfg: TrainConfig, data: TrainingData, emit: EventHandler) -> _Run:
+        """The run in ``cfg.run_dir`` from its last checkpoint: vectors, optimizer, scaler and pending losses."""
+        state = load_latest(cfg.run_dir, cfg.name)
+        _check_resumable(state, engine)
+        return cls._build(engine, cfg, data, emit, step=state.step, vectors=state.vectors, notes=[], state=state)
+
+    @classmethod
+    def _build(cls, engine: Engine, cfg: TrainConfig, data: TrainingData, emit: EventHandler, *, step: int,
+               vectors: dict[str, torch.Tensor], notes: list[str], state: TrainingState | None) -> _Run:
+        lr_schedule = parse_schedule(cfg.learning_rate)
+        total = lr_schedule.planned_steps(cfg.steps)
+        notes = [n for n in [lr_schedule.describe_end(cfg.steps)] if n] + notes
+        # The vectors are float32 leaf tensors of our own, whatever the model's dtype.
+        vectors = {k: v.detach().to(engine.device, torch.float32).clone() for k, v in vectors.items()}
+        trained = cfg.train_encoders or list(vectors)
+        params = [vectors[k].requires_grad_(True) for k in vectors if k in trained]
+        if not params:
+            raise TIError(f"train_encoders {cfg.train_encoders} names none of this model's encoders {list(vectors)}")
+        optimizer = make_optimizer(cfg, params, lr_schedule.value_at(step))
+        scaler = torch.amp.GradScaler(engine.device.type,
+                                      enabled=autocast_dtype(cfg.precision, engine.device) == torch.float16)
+        log = LossLog(cfg.run_dir / "loss.csv", truncate_after=step)
         if state is not None:
-            self._check_resumable(state)
-            vectors, self.start_step = state.vectors, state.step
-        else:
-            self._clear_old_run()
-            vectors, self.start_step = self._initial_vectors(), 0
-        self.step = self.start_step
-        self.vectors = {k: v.detach().to(self.device, torch.float32).clone() for k, v in vectors.items()}
-        trained = self.cfg.train_encoders or list(self.vectors)
-        self.params = [self.vectors[k].requires_grad_(True) for k in self.vectors if k in trained]
-        if not self.params:
-            raise TIError(f"train_encoders {self.cfg.train_encoders} names none of this model's encoders "
-                          f"{list(self.vectors)}")
-        self.optimizer = make_optimizer(self.cfg, self.params, self.lr_schedule.value_at(self.step))
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == torch.float16)
-        self.log = LossLog(self.run_dir / "loss.csv", truncate_after=self.start_step)
-        if state is not None:
-            self.optimizer.load_state_dict(state.optimizer)
+            optimizer.load_state_dict(state.optimizer)
             if state.scaler:
-                self.scaler.load_state_dict(state.scaler)
-            self.log.restore_pending(state.pending_losses)
-        self.cfg.save(self.run_dir / "config.yaml")
-        if self.start_step >= self.total:
-            self.notes.append(f"the checkpoint is already at step {self.start_step} of {self.total}: nothing to train")
-
-    def _clear_old_run(self) -> None:
-        existing = list_states(self.run_dir, self.cfg.name)
-        if existing and not self.cfg.overwrite:
-            raise TIError(
-                f"run folder {str(self.run_dir)!r} already holds checkpoints of {self.cfg.name!r} (last at step "
-                f"{existing[-1][0]}): resume it, pick another name or output folder, or allow overwrite"
-            )
-        for step, _ in existing:  # overwrite: an old run's later checkpoints must not outlive this one's
-            remove_checkpoint(self.run_dir, self.cfg.name, step)
-
-    def _initial_vectors(self) -> dict[str, torch.Tensor]:
-        if self.cfg.init_from:
-            from .formats.embeddings import load_embedding
-
-            emb = match_to_model(load_embedding(self.cfg.init_from), self.engine.encoder_widths)
-            if emb.num_vectors != self.cfg.num_vectors:
-                self.notes.append(f"init_from {self.cfg.init_from!r} has {emb.num_vectors} vectors per token; "
-                                  f"using that instead of num_vectors={self.cfg.num_vectors}")
-            return emb.vectors
-        return self.engine.init_vectors(self.cfg.init_text, self.cfg.num_vectors)
-
-    def _check_resumable(self, state: TrainingState) -> None:
-        widths = {k: int(v.shape[1]) for k, v in state.vectors.items()}
-        if widths != self.engine.encoder_widths:
-            raise TIError(f"the checkpoint was trained with encoders {widths}, the loaded model has "
-                          f"{self.engine.encoder_widths}: resume with the model it was trained on")
-
-    def cache_latents(self) -> None:
-        self.latents = LatentCache.build(self.engine, self.data.samples, self.cfg, self.run_dir)
+                scaler.load_state_dict(state.scaler)
+            log.restore_pending(state.pending_losses)
+        cfg.save(cfg.run_dir / "config.yaml")
+        if step >= total:
+            notes.append(f"the checkpoint is already at step {step} of {total}: nothing to train")
+        latents = LatentCache.build(engine, data.samples, cfg, cfg.run_dir)
+        return cls(engine, cfg, data, emit, step=step, vectors=vectors, params=params, optimizer=optimizer,
+                   scaler=scaler, log=log, latents=latents, notes=notes)
 
     # ------------------------------------------------------------------ the loop
     def loop(self, should_stop: Callable[[], bool]) -> str:
@@ -214,15 +203,8 @@ class _Run:
         self.emit(events.Step(self.step, self.total, logged, lr, timer.images_per_s(), timer.elapsed(),
                               remaining * timer.seconds_per_step()))
 
-    def embedding(self) -> Embedding:
-        vecs = {k: v.detach().cpu().clone() for k, v in self.vectors.items()}
-        return Embedding(self.cfg.name, vecs, self.step, self.engine.checkpoint_hash or None,
-                         self.engine.checkpoint_name or None, {"trainer": "sd-webui-ti-trainer"})
-
     def save(self, is_final: bool) -> Path:
-        from .formats.embeddings import save_embedding
-
-        emb = self.embedding()
+        emb = embedding_of(self.engine, self.cfg.name, self.vectors, self.step)
         state = TrainingState(self.step, emb.vectors, self.optimizer.state_dict(), self.scaler.state_dict()
                               if self.scaler.is_enabled() else None, self.cfg.to_dict(), self.log.pending_values())
         checkpoint = save_checkpoint(self.run_dir, emb, state, self.cfg.save_format, self.cfg.keep_last)
@@ -247,12 +229,10 @@ class _Run:
         request = preview_request(self.cfg, self.data)
         try:
             with torch.no_grad():
-                image = self.preview_fn(request, self.cfg.name, self.vectors)
+                image = self.engine.render_preview(request, self.cfg.name, self.vectors)
         except Exception as exc:  # a broken preview must not cost the user the training run
             self.emit(events.Warning(self.step, f"preview at step {self.step} failed: {type(exc).__name__}: {exc}"))
             return
-        from .fileio import atomic_path
-
         path = self.run_dir / "previews" / f"{self.cfg.name}-{self.step}.png"
         with atomic_path(path) as tmp:
             image.save(tmp, format="PNG")
@@ -264,6 +244,37 @@ class _Run:
         if self.total < self.cfg.steps:
             return f"finished at step {self.step}: the learning-rate schedule ends there"
         return f"finished at step {self.step}"
+
+
+# ---------------------------------------------------------------------- setting a run up
+def _clear_old_run(cfg: TrainConfig) -> None:
+    existing = list_states(cfg.run_dir, cfg.name)
+    if existing and not cfg.overwrite:
+        raise TIError(
+            f"run folder {str(cfg.run_dir)!r} already holds checkpoints of {cfg.name!r} (last at step "
+            f"{existing[-1][0]}): resume it, pick another name or output folder, or allow overwrite"
+        )
+    for step, _ in existing:  # overwrite: an old run's later checkpoints must not outlive this one's
+        remove_checkpoint(cfg.run_dir, cfg.name, step)
+
+
+def _initial_vectors(engine: Engine, cfg: TrainConfig) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The vectors a new run starts from (``init_from``'s, else the init text's), and notes for the user."""
+    if not cfg.init_from:
+        return engine.init_vectors(cfg.init_text, cfg.num_vectors), []
+    emb = match_to_model(load_embedding(cfg.init_from), engine.encoder_widths)
+    notes = []
+    if emb.num_vectors != cfg.num_vectors:
+        notes.append(f"init_from {cfg.init_from!r} has {emb.num_vectors} vectors per token; using that instead of "
+                     f"num_vectors={cfg.num_vectors}")
+    return emb.vectors, notes
+
+
+def _check_resumable(state: TrainingState, engine: Engine) -> None:
+    widths = {k: int(v.shape[1]) for k, v in state.vectors.items()}
+    if widths != engine.encoder_widths:
+        raise TIError(f"the checkpoint was trained with encoders {widths}, the loaded model has "
+                      f"{engine.encoder_widths}: resume with the model it was trained on")
 
 
 # ---------------------------------------------------------------------- small helpers
@@ -308,14 +319,6 @@ def step_seed(seed: int, step: int, micro: int, purpose: str) -> int:
     """A seed that depends only on (seed, step, micro-batch, purpose): exact resume needs no RNG state."""
     digest = hashlib.blake2b(f"{seed}:{step}:{micro}:{purpose}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32  # CPU autocast is slower than fp32 for these models
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
 def make_optimizer(cfg: TrainConfig, params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..engine import PreviewRequest
+from ..engine import PreviewRequest, frozen_modules
 from ..devices import weights_dtype
 from ..errors import TIError, say
 from ..families import encoder_key
@@ -122,22 +122,8 @@ class StandaloneEngine:
             extra["added_cond_kwargs"] = {"text_embeds": cond.pooled.to(dtype), "time_ids": cond.time_ids.to(dtype)}
         return self.unet(noisy_latents.to(dtype), timesteps, encoder_hidden_states=cond.hidden.to(dtype), **extra).sample
 
-    @contextlib.contextmanager
-    def frozen(self) -> Iterator[None]:
-        modules = [self.unet, self.vae, *(e.model for e in self.encoders)]
-        saved = [(p, p.requires_grad) for m in modules for p in m.parameters()]
-        modes = [(m, m.training) for m in modules]
-        for p, _ in saved:
-            p.requires_grad_(False)
-        for m in modules:
-            m.eval()  # no dropout: the only randomness is the noise and timesteps we draw
-        try:
-            yield
-        finally:
-            for p, flag in saved:
-                p.requires_grad_(flag)
-            for m, mode in modes:
-                m.train(mode)
+    def frozen(self):
+        return frozen_modules([self.unet, self.vae, *(e.model for e in self.encoders)], eval_mode=True)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         if enabled:

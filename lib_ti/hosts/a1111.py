@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..engine import PreviewRequest
+from ..engine import PreviewRequest, frozen_modules
 from ..errors import TIError
 from ..families import FAMILIES
 from ..splice import spread_init_vectors
@@ -127,16 +127,9 @@ class WebuiEngine:
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return self.model.apply_model(noisy_latents, timesteps, cond)
 
-    @contextlib.contextmanager
-    def frozen(self) -> Iterator[None]:
-        saved = [(p, p.requires_grad) for p in self.model.parameters()]
-        for p, _ in saved:
-            p.requires_grad_(False)
-        try:
-            yield
-        finally:
-            for p, flag in saved:
-                p.requires_grad_(flag)
+    def frozen(self):
+        # No eval(): the host's modules stay in the mode the host keeps them in.
+        return frozen_modules([self.model], eval_mode=False)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         if self.family == "sdxl":

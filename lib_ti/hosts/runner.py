@@ -14,7 +14,9 @@ from .. import events
 from ..checkpoints import list_states
 from ..config import TrainConfig
 from ..data import prepare_data
+from ..engine import embedding_of
 from ..errors import TIError
+from ..formats.embeddings import save_embedding
 from ..trainer import train
 from . import a1111
 from .jobs import Job
@@ -93,18 +95,13 @@ def checkpoint_folder(cfg: TrainConfig) -> Path:
 def create_embedding(cfg: TrainConfig) -> Path:
     """A new embedding at step 0 from the init text, in the embeddings folder and usable at once
     (the host's own Create fails on SDXL; this works on every family the engine supports)."""
-    from ..embedding import Embedding
-    from ..formats.embeddings import save_embedding
-
     target = final_target(cfg)
     existing = target if target.exists() else a1111.loaded_embedding_file(cfg.name)
     if existing and not cfg.overwrite:
         raise TIError(f"an embedding named {cfg.name!r} already exists ({existing}): choose another name or "
                       "tick Overwrite")
     engine = a1111.current_engine()
-    vectors = engine.init_vectors(cfg.init_text, cfg.num_vectors)
-    emb = Embedding(cfg.name, vectors, 0, engine.checkpoint_hash or None, engine.checkpoint_name or None,
-                    {"trainer": "sd-webui-ti-trainer"})
+    emb = embedding_of(engine, cfg.name, engine.init_vectors(cfg.init_text, cfg.num_vectors), 0)
     save_embedding(emb, target, overwrite=cfg.overwrite)
     a1111.register_file(target)
     return target
