@@ -17,6 +17,7 @@ import torch
 from .embedding import Embedding
 from .errors import TIError
 from .fileio import atomic_path, load_torch
+from .formats.embeddings import save_embedding
 
 STATE_VERSION = 1
 
@@ -42,8 +43,6 @@ def checkpoint_path(run_dir: Path, name: str, step: int, fmt: str) -> Path:
 
 def save_checkpoint(run_dir: Path, emb: Embedding, state: TrainingState, fmt: str, keep_last: int) -> Path:
     """Write the embedding and its state atomically, then prune old checkpoints. Returns the embedding path."""
-    from .formats.embeddings import save_embedding
-
     emb_path = save_embedding(emb, checkpoint_path(run_dir, emb.name, state.step, fmt), overwrite=True)
     payload = {"version": STATE_VERSION, "step": state.step, "vectors": state.vectors, "optimizer": state.optimizer,
                "scaler": state.scaler, "config": state.config, "pending_losses": state.pending_losses}

@@ -18,6 +18,7 @@ from typing import Any, Literal, get_args, get_origin
 from .buckets import bucket_sizes, side_limits
 from .errors import TIError
 from .families import ENCODER_KEYS
+from .fileio import write_text
 from .options import option
 from .schedule import parse_schedule
 
@@ -116,8 +117,9 @@ class TrainConfig:
                             label="Checkpoints kept", section=SAVING, setting=True)
     save_format: SaveFormat = option("safetensors", "safetensors (every tool loads it) or pt (the webui classic "
                                      "format)", section=SAVING)
-    log_every: int = option(10, "loss logging interval; each log is one device sync", label="Log the loss every N steps",
-                            section=SAVING)
+    log_every: int = option(
+        10, "loss logging interval; each log is one device sync", label="Log the loss every N steps", section=SAVING
+    )
     preview_every: int = option(500, "0 = no previews", label="Preview every N steps", section=SAVING, setting=True)
     preview_prompt: str = option("", '"" = the first template line with the name', section=SAVING, txt2img="prompt")
     preview_negative_prompt: str = option("", "negative prompt of the preview renders", section=SAVING,
@@ -140,7 +142,9 @@ class TrainConfig:
     # ------------------------------------------------------------------ validation
     def _check_values(self) -> None:
         if not NAME_PATTERN.match(self.name):
-            _bad("name", self.name, "use 1-64 letters, digits, '_', '-', '.' or spaces, starting with a letter or digit")
+            _bad(
+                "name", self.name, "use 1-64 letters, digits, '_', '-', '.' or spaces, starting with a letter or digit"
+            )
         _at_least(self, "num_vectors", 1, at_most=75)
         _at_least(self, "steps", 1)
         _at_least(self, "batch_size", 1)
@@ -203,7 +207,7 @@ class TrainConfig:
     def planned_steps(self) -> int:
         return parse_schedule(self.learning_rate).planned_steps(self.steps)
 
-    def replace(self, **changes: Any) -> "TrainConfig":
+    def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ files
@@ -211,7 +215,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -220,8 +224,6 @@ class TrainConfig:
 
     def save(self, path: str | Path) -> None:
         """Write YAML (``.yaml``/``.yml``) or JSON, atomically."""
-        from .fileio import write_text
-
         path = Path(path)
         if path.suffix in (".yaml", ".yml"):
             import yaml
@@ -231,7 +233,7 @@ class TrainConfig:
             write_text(path, json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "TrainConfig":
+    def load(cls, path: str | Path) -> TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise TIError(f"config file {str(path)!r} does not exist")
@@ -244,7 +246,9 @@ class TrainConfig:
             else:
                 data = json.loads(text)
         except Exception as exc:  # yaml and json raise different types; both mean "unreadable"
-            raise TIError(f"config file {str(path)!r} is not valid {path.suffix[1:].upper() or 'JSON'}: {exc}") from None
+            raise TIError(
+                f"config file {str(path)!r} is not valid {path.suffix[1:].upper() or 'JSON'}: {exc}"
+            ) from None
         if not isinstance(data, dict):
             raise TIError(f"config file {str(path)!r} must hold a mapping of keys to values")
         return cls.from_dict(data)

@@ -32,7 +32,9 @@ class Embedding:
         counts = {k: v.shape[0] for k, v in self.vectors.items()}
         for key, vec in self.vectors.items():
             if vec.ndim != 2:
-                raise TIError(f"embedding {self.name!r}: vectors for {key!r} must be 2-D [n, width], got shape {tuple(vec.shape)}")
+                raise TIError(
+                    f"embedding {self.name!r}: vectors for {key!r} must be 2-D [n, width], got shape {tuple(vec.shape)}"
+                )
         if len(set(counts.values())) != 1:
             raise TIError(f"embedding {self.name!r}: encoders disagree on the number of vectors: {counts}")
 
@@ -48,7 +50,7 @@ class Embedding:
     def is_sdxl(self) -> bool:
         return set(self.vectors) == set(SDXL_KEYS)
 
-    def detached(self) -> "Embedding":
+    def detached(self) -> Embedding:
         """A float32 CPU copy, safe to save while training goes on."""
         vecs = {k: v.detach().to("cpu", torch.float32).clone() for k, v in self.vectors.items()}
         return Embedding(self.name, vecs, self.step, self.sd_checkpoint, self.sd_checkpoint_name, dict(self.extra))
@@ -83,6 +85,7 @@ def match_to_model(emb: Embedding, model_widths: dict[str, int]) -> Embedding:
     for key, width in model_widths.items():
         if emb.vectors[key].shape[1] != width:
             raise TIError(
-                f"embedding {emb.name!r} was trained for {key} width {emb.vectors[key].shape[1]}, this model has {width}"
+                f"embedding {emb.name!r} was trained for {key} width {emb.vectors[key].shape[1]}, "
+                f"this model has {width}"
             )
     return emb

@@ -34,8 +34,10 @@ class Engine(Protocol):
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pixels [B,3,H,W] in [-1,1] -> scaled latent mean and std (float32), for caching."""
 
-    def encode_prompts(self, prompts: list[str], token: str, vectors: dict[str, torch.Tensor], size: tuple[int, int]) -> Any:
-        """Conditioning for the UNet, with ``vectors`` spliced in wherever ``token`` appears; differentiable in vectors."""
+    def encode_prompts(
+        self, prompts: list[str], token: str, vectors: dict[str, torch.Tensor], size: tuple[int, int]
+    ) -> Any:
+        """UNet conditioning with ``vectors`` spliced in wherever ``token`` appears; differentiable in the vectors."""
 
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: Any) -> torch.Tensor:
         """The UNet's prediction (epsilon or v, per ``prediction_type``)."""
@@ -46,7 +48,7 @@ class Engine(Protocol):
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute activations in backward: less memory, about 45% more compute."""
 
-    def render_preview(self, request: "PreviewRequest", token: str, vectors: dict[str, torch.Tensor]) -> Any:
+    def render_preview(self, request: PreviewRequest, token: str, vectors: dict[str, torch.Tensor]) -> Any:
         """A PIL image for the prompt, with the current vectors."""
 
 
@@ -84,8 +86,17 @@ def frozen_modules(modules: Iterable[torch.nn.Module], *, eval_mode: bool) -> It
 class PreviewRequest:
     """What a preview render needs; filled from the config by the trainer."""
 
-    def __init__(self, prompt: str, negative_prompt: str, steps: int, cfg_scale: float, seed: int, width: int, height: int,
-                 sampler_name: str = ""):
+    def __init__(
+        self,
+        prompt: str,
+        negative_prompt: str,
+        steps: int,
+        cfg_scale: float,
+        seed: int,
+        width: int,
+        height: int,
+        sampler_name: str = "",
+    ):
         self.prompt, self.negative_prompt = prompt, negative_prompt
         self.steps, self.cfg_scale, self.seed = steps, cfg_scale, seed
         self.width, self.height = width, height
@@ -99,7 +110,9 @@ def _coeffs(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, ndim: int) ->
     return a.sqrt().view(shape), (1 - a).sqrt().view(shape)
 
 
-def add_noise(alphas_cumprod: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+def add_noise(
+    alphas_cumprod: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
     """q(x_t | x_0): sqrt(a) x0 + sqrt(1-a) eps."""
     sa, s1a = _coeffs(alphas_cumprod, timesteps, latents.ndim)
     return sa * latents + s1a * noise
@@ -116,7 +129,9 @@ def training_target(prediction_type: str, alphas_cumprod: torch.Tensor, latents:
     raise TIError(f"unknown prediction type {prediction_type!r}: expected one of {', '.join(PREDICTION_TYPES)}")
 
 
-def min_snr_weights(prediction_type: str, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+def min_snr_weights(
+    prediction_type: str, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float
+) -> torch.Tensor:
     """Per-sample loss weights of Min-SNR-gamma (Hang et al. 2023): min(SNR, gamma) / SNR, or / (SNR + 1) for v."""
     a = alphas_cumprod[timesteps].float()
     snr = a / (1 - a)

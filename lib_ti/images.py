@@ -13,15 +13,15 @@ import json
 import os
 import random
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from .buckets import nearest_bucket
 from .errors import TIError, warn
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: listing and checking files must stay quick
@@ -35,6 +35,7 @@ _LANCZOS = getattr(Image, "Resampling", Image).LANCZOS
 _BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white
 _HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 # What PIL raises for files it cannot decode (truncated, not an image, zero bytes, bad EXIF).
+Box = tuple[float, float, float, float]  # (left, top, right, bottom) in source pixels
 UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
 
 
@@ -247,9 +248,9 @@ def open_image(path: Path) -> Image.Image:
 
     Raises one of ``UNREADABLE`` for files PIL cannot decode (truncated files fail here, not later).
     """
-    with Image.open(path) as im:
-        im.load()
-        im = ImageOps.exif_transpose(im)
+    with Image.open(path) as file:
+        file.load()
+        im: Image.Image = ImageOps.exif_transpose(file)
     if im.mode in _HIGH_BIT_MODES:
         im = _high_bit_to_l(im)
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
@@ -268,8 +269,6 @@ def _variants(rgb: Image.Image, alpha: Image.Image | None, item: ImageItem, opts
               seed: int, image_index: int) -> list[Sample]:
     rng = random.Random(f"ti-crop:{seed}:{item.path.name}")
     if opts.buckets:  # this image's size is its bucket's; crops and flips then work as for a fixed size
-        from .buckets import nearest_bucket
-
         width, height = nearest_bucket(rgb.size, opts.buckets)
         opts = dataclasses.replace(opts, width=width, height=height, buckets=())
     out = []
@@ -284,7 +283,7 @@ def _variants(rgb: Image.Image, alpha: Image.Image | None, item: ImageItem, opts
     return out
 
 
-def crop_boxes(size: tuple[int, int], opts: DatasetOptions, rng: random.Random) -> list[tuple[float, ...]]:
+def crop_boxes(size: tuple[int, int], opts: DatasetOptions, rng: random.Random) -> list[Box]:
     """Source-pixel boxes that ``resize(..., box=)`` scales to (width, height).
 
     Cover-and-crop keeps the aspect ratio; "squash" takes the whole image. Random
@@ -310,7 +309,7 @@ def _to_pixels(rgb: Image.Image) -> torch.Tensor:
     return arr.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
-def _weight(alpha: Image.Image | None, box: tuple[float, ...], opts: DatasetOptions) -> torch.Tensor | None:
+def _weight(alpha: Image.Image | None, box: Box, opts: DatasetOptions) -> torch.Tensor | None:
     """Loss weights from alpha like the webui (w -= min; w /= mean), all ones when there is nothing to weight."""
     import torch
 

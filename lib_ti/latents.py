@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import TIError
-from .fileio import load_torch
+from .fileio import atomic_path, load_torch
 
 ENCODE_BATCH = 4  # images per VAE call while caching: bounded memory, still batched
 
@@ -42,7 +42,7 @@ class LatentCache:
         return mean, std, weights
 
     @classmethod
-    def build(cls, engine, samples: Sequence, cfg, run_dir: Path) -> "LatentCache":
+    def build(cls, engine, samples: Sequence, cfg, run_dir: Path) -> LatentCache:
         members = _members_by_size(samples)
         disk = Path(run_dir) / f"latents-{_cache_key(engine, samples, cfg)}.pt" if cfg.cache_latents_to_disk else None
         if disk is not None and disk.is_file():
@@ -52,13 +52,11 @@ class LatentCache:
             encoded = [_encode_all(engine, [samples[i] for i in rows]) for rows in members]
             means, stds = [m for m, _ in encoded], [s for _, s in encoded]
             if disk is not None:
-                from .fileio import atomic_path
-
                 with atomic_path(disk) as tmp:
                     torch.save({"mean": means, "std": stds}, tmp)
         device = engine.device
         groups = []
-        for rows, mean, std in zip(members, means, stds):
+        for rows, mean, std in zip(members, means, stds, strict=True):
             weights = _latent_weights([samples[i] for i in rows], mean.shape[-2:]) if cfg.use_alpha_weight else None
             groups.append((mean.to(device), std.to(device), None if weights is None else weights.to(device)))
         return cls(groups, members, cfg.latent_sampling, cfg.seed)

@@ -67,7 +67,7 @@ def parse_schedule(text: str, *, what: str = "learning rate") -> Schedule:
     raw_pieces = [p.strip() for p in str(text).split(",") if p.strip()]
     if not raw_pieces:
         raise TIError(f"{what} schedule is empty: write a value such as '0.005' or '0.05:10, 0.005:200'")
-    for i, raw in enumerate(raw_pieces):
+    for raw in raw_pieces:
         if pieces and math.isinf(pieces[-1].end):
             raise TIError(
                 f"{what} schedule {text!r}: {raw!r} follows a piece that already runs to the end; "

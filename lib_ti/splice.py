@@ -34,7 +34,8 @@ def name_pattern(token: str) -> re.Pattern[str]:
 def layout_prompts(tokenizer, prompts: list[str], token: str, num_vectors: int, max_length: int = 77) -> SlotLayout:
     """Token ids with slots for the vectors; prompts longer than the context are truncated, like diffusers."""
     pattern = name_pattern(token)
-    rows, slots = [], []
+    rows: list[list[int]] = []
+    slots: list[tuple[int, int, int]] = []  # (prompt, token position, vector index)
     for b, prompt in enumerate(prompts):
         body: list[int] = []
         for i, chunk in enumerate(pattern.split(prompt)):
@@ -49,7 +50,7 @@ def layout_prompts(tokenizer, prompts: list[str], token: str, num_vectors: int, 
         rows.append(row)
     kept = [s for s in slots if s[1] < max_length - 1]  # slots cut off by truncation are dropped
     batch_index, position, vector_index = (torch.tensor(column, dtype=torch.long).reshape(-1) for column in
-                                           zip(*kept)) if kept else (torch.zeros(0, dtype=torch.long),) * 3
+                                           zip(*kept, strict=True)) if kept else (torch.zeros(0, dtype=torch.long),) * 3
     return SlotLayout(torch.tensor(rows, dtype=torch.long), batch_index, position, vector_index)
 
 

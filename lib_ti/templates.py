@@ -159,7 +159,7 @@ def _check_named_captions(captions: Mapping[str, str | None], missing: list[str]
             f"the template uses only [filewords] but {len(missing)} image(s) have no caption: {_few(missing)}; "
             "add a caption file for each image or choose a template with [name] (e.g. 'object_filewords')"
         )
-    unnamed = [label for label, cap in captions.items() if NAME not in cap and name not in cap]
+    unnamed = [label for label, cap in captions.items() if cap is not None and NAME not in cap and name not in cap]
     if unnamed:
         raise TIError(
             f"the template uses only [filewords] but {len(unnamed)} caption(s) mention neither [name] nor "

@@ -8,8 +8,10 @@ uninterrupted run would have done.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
+import operator
 import random
 import time
 from collections.abc import Callable
@@ -139,7 +141,7 @@ class _Run:
             lr = self.lr_schedule.value_at(self.step)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            loss = sum(self.backward(micro) for micro in range(self.cfg.grad_accum))
+            loss = functools.reduce(operator.add, [self.backward(micro) for micro in range(self.cfg.grad_accum)])
             self.optimizer_step(loss)
             self.step += 1
             timer.tick()
@@ -169,7 +171,7 @@ class _Run:
     def optimizer_step(self, loss: torch.Tensor) -> None:
         """Unscale, check for inf/NaN, clip, step. A non-finite step is skipped and reported, never trained on."""
         self.scaler.unscale_(self.optimizer)
-        grads_ok = torch.stack([torch.isfinite(p.grad).all() for p in self.params]).all()
+        grads_ok = torch.stack([torch.isfinite(p.grad).all() for p in self.params if p.grad is not None]).all()
         if not bool(torch.isfinite(loss) & grads_ok):  # one host sync per step; the price of never training on NaN
             self._skip(loss)
             return
@@ -197,7 +199,7 @@ class _Run:
             )
 
     # ------------------------------------------------------------------ outputs
-    def report(self, loss: torch.Tensor, lr: float, timer: "_Timer") -> None:
+    def report(self, loss: torch.Tensor, lr: float, timer: _Timer) -> None:
         logged = self.log.add(self.step, loss, lr, every=self.cfg.log_every, force=self.step == self.total)
         remaining = self.total - self.step
         self.emit(events.Step(self.step, self.total, logged, lr, timer.images_per_s(), timer.elapsed(),

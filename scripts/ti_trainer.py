@@ -1,4 +1,7 @@
-"""Webui entry point: registers the tab, the settings and the API. All logic lives in lib_ti (importable without a webui)."""
+"""Webui entry point: registers the tab, the settings and the API.
+
+All logic lives in lib_ti (importable without a webui).
+"""
 
 from modules import script_callbacks
 

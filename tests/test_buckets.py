@@ -13,11 +13,10 @@ from PIL import Image, ImageDraw
 from lib_ti import buckets
 from lib_ti.config import TrainConfig
 from lib_ti.data import prepare_data
+from lib_ti.errors import TIError
+from lib_ti.formats.embeddings import load_embedding
 from lib_ti.images import DatasetOptions, ImageItem, Sample, load_samples
 from lib_ti.samplers import BucketSampler, SampleSampler
-from lib_ti.formats.embeddings import load_embedding
-from lib_ti.errors import TIError
-
 
 # ---------------------------------------------------------------- sizes
 
@@ -126,7 +125,10 @@ def test_bucket_batches_never_mix_sizes_and_cover_every_image_each_epoch():
         assert sorted(i for batch in batches for i in batch) == sorted(list(range(9)) * 2)
     stream = [sampler.batch_indices(step) for step in range(27)]
     assert stream == [b for epoch in range(3) for b in sampler.epoch_batches(epoch)]
-    assert sampler.batch_indices(8) == sampler.epoch_batches(0)[8] and sampler.batch_indices(9) == sampler.epoch_batches(1)[0]
+    assert (
+        sampler.batch_indices(8) == sampler.epoch_batches(0)[8]
+        and sampler.batch_indices(9) == sampler.epoch_batches(1)[0]
+    )
     assert sampler.epoch_batches(0) != sampler.epoch_batches(1)
 
 

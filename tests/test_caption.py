@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from tricky_images import BLUE, GREEN, RED, UNICODE_NAME, halves
 
+from lib_ti.cli import main
 from lib_ti.dataset.blip import DEFAULT_MODEL, load_blip
 from lib_ti.dataset.caption import CaptionOptions, caption_folder, compose, per_image, review_items, save_caption
-from lib_ti.cli import main
 from lib_ti.errors import TIError
-from tricky_images import BLUE, GREEN, RED, UNICODE_NAME, halves
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "a an the of on with and photo picture cat dog cup table red green blue small large sitting".split()
@@ -34,9 +34,17 @@ def build_tiny_blip(out: Path) -> Path:
     tokenizer = BertTokenizer(str(vocab), bos_token="[DEC]")  # BLIP's decoder starts from [DEC], as the real one
     processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL}
-    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-    text = dict(small, vocab_size=len(SPECIAL) + len(WORDS), encoder_hidden_size=32, max_position_embeddings=64,
-                bos_token_id=ids["[DEC]"], pad_token_id=ids["[PAD]"], sep_token_id=ids["[SEP]"], eos_token_id=ids["[SEP]"])
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    text = dict(
+        small,
+        vocab_size=len(SPECIAL) + len(WORDS),
+        encoder_hidden_size=32,
+        max_position_embeddings=64,
+        bos_token_id=ids["[DEC]"],
+        pad_token_id=ids["[PAD]"],
+        sep_token_id=ids["[SEP]"],
+        eos_token_id=ids["[SEP]"],
+    )
     config = BlipConfig(vision_config=dict(small, image_size=32, patch_size=16), text_config=text, projection_dim=32)
     torch.manual_seed(0)
     BlipForConditionalGeneration(config).save_pretrained(out)
@@ -110,7 +118,7 @@ def test_prefix_suffix_and_trigger(blip, tmp_path):
     recording = Recording(blip)
     opts = CaptionOptions(prefix="photo of ", suffix=", studio light", trigger="[name]")
     caption_folder(folder, recording, opts)
-    for image, raw in zip(sorted(folder.glob("*.png")), recording.captions):
+    for image, raw in zip(sorted(folder.glob("*.png")), recording.captions, strict=True):
         assert caption_text(image) == f"[name], photo of {raw.strip()}, studio light"
     assert compose("a cat", CaptionOptions(trigger="my-cat")) == "my-cat, a cat"
     assert compose("my-cat on a table", CaptionOptions(trigger="my-cat")) == "my-cat on a table"  # not twice

@@ -37,8 +37,28 @@ def test_train_then_inspect_then_resume_further(tiny_model, tmp_path):
     model = tiny_model("sd1")
     data = draw_images(tmp_path / "imgs", 3, 64)
     run = tmp_path / "run"
-    common = ["--model", model, "--data", data, "--name", "cli-tok", "--output-dir", run, "--width", "64",
-              "--height", "64", "--save-every", "2", "--preview-every", "0", "--init-text", "a dog", "--num-vectors", "2"]
+    common = [
+        "--model",
+        model,
+        "--data",
+        data,
+        "--name",
+        "cli-tok",
+        "--output-dir",
+        run,
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--save-every",
+        "2",
+        "--preview-every",
+        "0",
+        "--init-text",
+        "a dog",
+        "--num-vectors",
+        "2",
+    ]
     train = cli("train", *common, "--steps", "4")
     assert "finished at step 4" in train.stdout
     emb = run / "cli-tok.safetensors"

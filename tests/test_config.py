@@ -1,13 +1,12 @@
 import json
-
 from dataclasses import fields
 
 import pytest
 import yaml
 
 from lib_ti.config import TrainConfig, check_paths
-from lib_ti.options import field_help
 from lib_ti.errors import TIError
+from lib_ti.options import field_help
 
 
 def test_defaults_are_valid_and_every_field_is_documented():

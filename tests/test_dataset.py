@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
+from lib_ti.errors import TIError
 from lib_ti.images import IMAGE_EXTENSIONS, DatasetOptions, ImageItem, Sample, crop_boxes, discover, load_samples
 from lib_ti.samplers import SampleSampler
-from lib_ti.errors import TIError
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
 
@@ -31,7 +31,7 @@ def bands(path, colors=(RED, GREEN, BLUE), band=(32, 32)):
 
 def quadrants(w=32, h=16):
     im = Image.new("RGB", (w, h))
-    for (x, y), c in zip([(0, 0), (1, 0), (0, 1), (1, 1)], [RED, GREEN, BLUE, WHITE]):
+    for (x, y), c in zip([(0, 0), (1, 0), (0, 1), (1, 1)], [RED, GREEN, BLUE, WHITE], strict=True):
         im.paste(c, (x * w // 2, y * h // 2, (x + 1) * w // 2, (y + 1) * h // 2))
     return im
 
@@ -46,7 +46,7 @@ def color_of(pixels):
 
 
 def close(a, b, tol=6):
-    return all(abs(x - y) <= tol for x, y in zip(a, b))
+    return all(abs(x - y) <= tol for x, y in zip(a, b, strict=True))
 
 
 def opts(**kw):
@@ -295,8 +295,8 @@ def test_random_crops_are_deterministic_and_distinct(tmp_path):
     b = load_samples([ImageItem(path)], opts(crop="random", random_crops=3, flip=True), seed=1)
     c = load_samples([ImageItem(path)], opts(crop="random", random_crops=3, flip=True), seed=2)
     assert [(s.crop_index, s.flipped) for s in a] == [(k, f) for k in range(3) for f in (False, True)]
-    assert all(torch.equal(x.pixels, y.pixels) for x, y in zip(a, b))
-    assert not all(torch.equal(x.pixels, y.pixels) for x, y in zip(a, c))
+    assert all(torch.equal(x.pixels, y.pixels) for x, y in zip(a, b, strict=True))
+    assert not all(torch.equal(x.pixels, y.pixels) for x, y in zip(a, c, strict=True))
     unflipped = [s.pixels for s in a if not s.flipped]
     assert not torch.equal(unflipped[0], unflipped[1])
 
@@ -344,7 +344,10 @@ def test_batches_are_the_concatenated_epochs():
     stream = [i for step in range(9) for i in sampler.batch_indices(step)]  # 36 draws = 6 epochs
     assert stream == [i for e in range(6) for i in sampler.epoch_order(e)]
     # 6 draws per epoch, 4 per batch: step 2 takes draws 8-11 (epoch 1), step 8 draws 32-35 (epoch 5)
-    assert sampler.batch_indices(2) == sampler.epoch_order(1)[2:6] and sampler.batch_indices(8) == sampler.epoch_order(5)[2:6]
+    assert (
+        sampler.batch_indices(2) == sampler.epoch_order(1)[2:6]
+        and sampler.batch_indices(8) == sampler.epoch_order(5)[2:6]
+    )
 
 
 def test_variants_are_all_used():

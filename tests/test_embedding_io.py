@@ -16,10 +16,10 @@ from PIL import Image, ImageDraw, PngImagePlugin
 from safetensors.torch import save_file
 
 from lib_ti.cli import inspect as inspect_cmd
-from lib_ti.formats import embeddings as embedding_io
 from lib_ti.embedding import Embedding
-from lib_ti.formats.embeddings import load_embedding, load_embedding_details, save_embedding
 from lib_ti.errors import TIError
+from lib_ti.formats import embeddings as embedding_io
+from lib_ti.formats.embeddings import load_embedding, load_embedding_details, save_embedding
 
 FAMILIES = {
     "sd1": {"clip_l": 768},

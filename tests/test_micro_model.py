@@ -117,7 +117,7 @@ def test_pretraining_stages_are_deterministic():
         return [m.state_dict() for m in (vae, unet, text, classifier)]
 
     first, second = run(), run()
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), key
@@ -157,7 +157,11 @@ def test_demo_trains_on_the_micro_model_and_writes_the_before_after_grid(tmp_pat
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "report.json").read_text())
-    assert [r["label"] for r in report["rows"]] == ["init word 'shape'", "step 6", f"word '{report['bench']['concept']}'"]
+    assert [r["label"] for r in report["rows"]] == [
+        "init word 'shape'",
+        "step 6",
+        f"word '{report['bench']['concept']}'",
+    ]
     grid = Image.open(out / "grid.png")
     assert grid.size[1] >= 3 * 128  # before, after, and the plain word
     embedding = Path(report["embedding"])

@@ -32,7 +32,7 @@ def _inside(scene, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
         return (r <= 1) & ((r >= RING_HOLE) if scene.shape == "ring" else True)
     inside = np.zeros(u.shape, dtype=bool)
     points = OUTLINES[scene.shape]
-    for (x0, y0), (x1, y1) in zip(points, points[1:] + points[:1]):
+    for (x0, y0), (x1, y1) in zip(points, points[1:] + points[:1], strict=True):
         crosses = (y0 > v) != (y1 > v)
         with np.errstate(divide="ignore", invalid="ignore"):
             x_at = x0 + (v - y0) * (x1 - x0) / (y1 - y0)
@@ -50,8 +50,8 @@ def test_same_seed_same_pixels_and_different_seeds_differ():
         return [np.asarray(draw(random_scene(rng))) for _ in range(6)]
 
     a, b, c = pictures(7), pictures(7), pictures(8)
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    assert not all(np.array_equal(x, z) for x, z in zip(a, c))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(np.array_equal(x, z) for x, z in zip(a, c, strict=True))
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from tricky_images import UNICODE_NAME, draw_tricky
 
 from lib_ti.bench.speed import draw_images
 from lib_ti.config import TrainConfig
 from lib_ti.dataset.preflight import check, detect_family, estimate_memory
-from tricky_images import UNICODE_NAME, draw_tricky
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageOps
+from tricky_images import BLUE, GREEN, RED, UNICODE_NAME, draw_tricky, halves
 
 from lib_ti.cli import main
 from lib_ti.dataset.crops import cover_box, is_oversized, subject_box, tile_boxes
-from lib_ti.images import discover
-from lib_ti.errors import TIError
 from lib_ti.dataset.prepare import PrepareOptions, output_stems, run, safe_stem
-from tricky_images import BLUE, GREEN, RED, UNICODE_NAME, draw_tricky, halves
+from lib_ti.errors import TIError
+from lib_ti.images import discover
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def mean_rgb(image: Image.Image, box=None) -> tuple[int, ...]:
 
 
 def near(a, b, tol=12) -> bool:
-    return all(abs(x - y) <= tol for x, y in zip(a, b))
+    return all(abs(x - y) <= tol for x, y in zip(a, b, strict=True))
 
 
 def prepare(src: Path, dst: Path, **kw):

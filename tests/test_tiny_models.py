@@ -14,8 +14,8 @@ from torch import nn
 
 from lib_ti.errors import TIError
 from lib_ti.families import NAMES as FAMILIES
-from lib_ti.models.tiny import build_tiny_model
 from lib_ti.formats.clip_tokenizer import write_clip_tokenizer
+from lib_ti.models.tiny import build_tiny_model
 
 CAT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]  # "a photo of a cat" with the real CLIP tokenizer
 

@@ -12,9 +12,9 @@ from lib_ti.bench.speed import draw_images
 from lib_ti.config import TrainConfig
 from lib_ti.data import prepare_data
 from lib_ti.embedding import match_to_model
-from lib_ti.formats.embeddings import load_embedding, save_embedding
 from lib_ti.engines.standalone import StandaloneEngine
 from lib_ti.errors import TIError
+from lib_ti.formats.embeddings import load_embedding, save_embedding
 from lib_ti.trainer import evaluate_loss, train
 
 pytestmark = pytest.mark.slow
@@ -39,9 +39,21 @@ def images(tmp_path_factory):
 
 
 def config(tmp_path, images, **changes) -> TrainConfig:
-    base = dict(name="tok", init_text="a photo", num_vectors=2, data_dir=str(images), output_dir=str(tmp_path / "run"),
-                width=64, height=64, steps=12, batch_size=2, learning_rate="0.05", save_every=0, preview_every=0,
-                log_every=4)
+    base = {
+        "name": "tok",
+        "init_text": "a photo",
+        "num_vectors": 2,
+        "data_dir": str(images),
+        "output_dir": str(tmp_path / "run"),
+        "width": 64,
+        "height": 64,
+        "steps": 12,
+        "batch_size": 2,
+        "learning_rate": "0.05",
+        "save_every": 0,
+        "preview_every": 0,
+        "log_every": 4,
+    }
     return TrainConfig(**{**base, **changes})
 
 

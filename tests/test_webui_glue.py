@@ -79,7 +79,7 @@ def test_tab_values_become_a_validated_config():
 
 
 def test_every_config_field_has_a_tab_control():
-    names = {f for f in TrainConfig().to_dict()}
+    names = set(TrainConfig().to_dict())
     assert set(webui_tab.FIELD_NAMES) == names - {"model"}  # the webui trains the checkpoint it has loaded
     assert set(webui_tab.TXT2IMG_FIELDS) <= names
     assert len(webui_tab.FIELD_NAMES) == len(set(webui_tab.FIELD_NAMES))

@@ -111,10 +111,31 @@ def webui(tmp_path_factory):
                     ignore=shutil.ignore_patterns(".git", ".venv", "outputs", "__pycache__", ".pytest_cache"))
     port = _free_port()
     python = os.environ.get("TI_TRAINER_WEBUI_PYTHON", str(Path(WEBUI) / "venv" / "bin" / "python"))
-    args = [python, "launch.py", "--data-dir", str(data_dir), "--ckpt", str(models / "tiny-sd1.safetensors"), "--api",
-            "--api-auth", f"{USER}:{PASSWORD}", "--port", str(port), "--use-cpu", "all", "--no-half", "--precision", "full",
-            "--skip-torch-cuda-test", "--skip-prepare-environment", "--skip-install", "--no-download-sd-model",
-            "--skip-version-check", "--ti-trainer-output-dir", str(data_dir / "ti-runs")]
+    args = [
+        python,
+        "launch.py",
+        "--data-dir",
+        str(data_dir),
+        "--ckpt",
+        str(models / "tiny-sd1.safetensors"),
+        "--api",
+        "--api-auth",
+        f"{USER}:{PASSWORD}",
+        "--port",
+        str(port),
+        "--use-cpu",
+        "all",
+        "--no-half",
+        "--precision",
+        "full",
+        "--skip-torch-cuda-test",
+        "--skip-prepare-environment",
+        "--skip-install",
+        "--no-download-sd-model",
+        "--skip-version-check",
+        "--ti-trainer-output-dir",
+        str(data_dir / "ti-runs"),
+    ]
     log = data_dir / "webui.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": str(site)}

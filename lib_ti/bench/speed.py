@@ -7,6 +7,7 @@ Fixed conditions: 16 synthetic images at the chosen resolution (no bucketing), t
 
 from __future__ import annotations
 
+import itertools
 import platform
 import random
 import statistics
@@ -19,10 +20,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from .. import events
-from ..config import TrainConfig
+from ..config import Precision, TrainConfig
 from ..devices import choose_device, weights_dtype
-from ..errors import TIError, say
 from ..engines.standalone import StandaloneEngine, load_engine
+from ..errors import TIError, say
 from ..models.real import build_random_engine
 from ..models.tiny import build_tiny_model
 from ..trainer import train
@@ -40,7 +41,7 @@ class SpeedSettings:
     steps: int = 20
     warmup: int = 3
     vectors: int = 4
-    precision: str = "auto"
+    precision: Precision = "auto"
     gradient_checkpointing: bool = False
     device: str = "auto"
 
@@ -87,7 +88,7 @@ def measure_speed(args: SpeedSettings, device: torch.device, tmp: Path) -> dict:
 
 
 def build_engine(args: SpeedSettings, device: torch.device, tmp: Path):
-    """The engine to time, and its label: a model from disk, a tiny model, or a real architecture with random weights."""
+    """The engine to time and its label: a model from disk, a tiny model, or a real architecture (random weights)."""
     if args.model:
         return load_engine(args.model, device), Path(args.model).name
     dtype = weights_dtype("auto", device)
@@ -102,7 +103,7 @@ def _figures(args: SpeedSettings, device: torch.device, label: str, load_s: floa
              record: dict) -> dict:
     times = record["times"]
     marks = [record["t_started"], *times]
-    step_s = [b - a for a, b in zip(marks, marks[1:])][args.warmup:]
+    step_s = [b - a for a, b in itertools.pairwise(marks)][args.warmup:]
     window = times[-1] - (times[args.warmup - 1] if args.warmup else record["t_started"])
     peak = _peak_memory(device)
     return {
@@ -151,14 +152,17 @@ def _device_name(device: torch.device) -> str:
 def format_report(f: dict) -> str:
     mem = (f"peak allocated {f['peak_allocated_gb']:.2f} GiB, reserved {f['peak_reserved_gb']:.2f} GiB"
            if "peak_allocated_gb" in f else f"peak RSS {f['peak_rss_gb']:.2f} GiB (whole process)")
-    return "\n".join([
-        f"model       {f['model']} on {f['device']}, torch {f['torch']}",
-        f"setup       {f['resolution']}px, batch {f['batch_size']}, {f['vectors']} vectors, precision {f['precision']}, "
-        f"gradient checkpointing {'on' if f['gradient_checkpointing'] else 'off'}",
-        f"speed       {f['steps_per_s_median']:.3f} steps/s median, {f['steps_per_s_mean']:.3f} mean, "
-        f"{f['images_per_s']:.3f} images/s over {f['timed_steps']} timed steps "
-        f"(step {f['step_s_min']:.3f}-{f['step_s_max']:.3f}s)",
-        f"first step  {f['time_to_first_step_s']:.2f}s = load {f['model_load_s']:.2f}s + data/latents "
-        f"{f['data_and_latents_s']:.2f}s + step 1 {f['first_step_s']:.2f}s (+ overhead)",
-        f"memory      {mem}",
-    ])
+    return "\n".join(
+        [
+            f"model       {f['model']} on {f['device']}, torch {f['torch']}",
+            f"setup       {f['resolution']}px, batch {f['batch_size']}, {f['vectors']} vectors, "
+            f"precision {f['precision']}, "
+            f"gradient checkpointing {'on' if f['gradient_checkpointing'] else 'off'}",
+            f"speed       {f['steps_per_s_median']:.3f} steps/s median, {f['steps_per_s_mean']:.3f} mean, "
+            f"{f['images_per_s']:.3f} images/s over {f['timed_steps']} timed steps "
+            f"(step {f['step_s_min']:.3f}-{f['step_s_max']:.3f}s)",
+            f"first step  {f['time_to_first_step_s']:.2f}s = load {f['model_load_s']:.2f}s + data/latents "
+            f"{f['data_and_latents_s']:.2f}s + step 1 {f['first_step_s']:.2f}s (+ overhead)",
+            f"memory      {mem}",
+        ]
+    )

@@ -74,7 +74,9 @@ def _add_quality(kinds) -> None:
     quality.add_argument("--webui-url", default="http://127.0.0.1:7860",
                          help="--engine webui: the webui (started with --api)")
     quality.add_argument("--webui-auth", help="--engine webui: user:password if the webui uses --api-auth")
-    quality.add_argument("--model", help="a micro-world model: diffusers folder or single file (default: the shipped one)")
+    quality.add_argument(
+        "--model", help="a micro-world model: diffusers folder or single file (default: the shipped one)"
+    )
     quality.add_argument("--classifier", help="the shapes classifier (default: the shipped one)")
     quality.add_argument("--concept", default=d.concept, choices=SHAPES)
     quality.add_argument("--init-text", default=d.init_text)

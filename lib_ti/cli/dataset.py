@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from ..dataset.blip import DEFAULT_MODEL
 from ..dataset.caption import CaptionOptions, caption_folder
@@ -18,6 +19,7 @@ from ..dataset.prepare import run as prepare_folder
 from ..errors import PREFIX
 from ..families import NAMES
 from .fields import add_field_arguments, add_train_arguments, config_from_args, given
+
 
 def add_parser(sub) -> None:
     # Field flags state their defaults in their help (argparse's own default is None = "not given"),
@@ -97,9 +99,10 @@ class _Bar:
     """A tqdm bar fed by the ``on_progress(done, total, path)`` callbacks of prepare and caption."""
 
     def __init__(self, unit: str) -> None:
-        self.unit, self.bar = unit, None
+        self.unit = unit
+        self.bar: Any = None  # a tqdm bar, made once the total is known
 
-    def __enter__(self) -> "_Bar":
+    def __enter__(self) -> _Bar:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -111,5 +114,6 @@ class _Bar:
 
         if self.bar is None:
             self.bar = tqdm(total=total, unit=self.unit, dynamic_ncols=True, file=sys.stderr)
-        self.bar.set_postfix_str(path.name[-30:], refresh=False)
-        self.bar.update(done - self.bar.n)
+        bar = self.bar
+        bar.set_postfix_str(path.name[-30:], refresh=False)
+        bar.update(done - bar.n)

@@ -19,11 +19,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``train`` (and ``check``): the run's own options, then one flag per config key."""
     run = parser.add_argument_group("run")
     run.add_argument("--config", help="YAML or JSON config file; flags given here override it")
-    run.add_argument("--resume", action="store_true", help="continue the run in the output folder from its last checkpoint")
+    run.add_argument(
+        "--resume", action="store_true", help="continue the run in the output folder from its last checkpoint"
+    )
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto = cuda when available)")
     run.add_argument("--weights-dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                      help="dtype of the frozen UNet and text encoders (auto = fp16 on GPU, fp32 on CPU)")
-    run.add_argument("--model-config", help="single-file checkpoints: a local diffusers folder with the component configs")
+    run.add_argument(
+        "--model-config", help="single-file checkpoints: a local diffusers folder with the component configs"
+    )
     group = parser.add_argument_group("training config (every key of the config file)")
     add_field_arguments(group, TrainConfig)
 
@@ -34,7 +38,11 @@ def add_field_arguments(group: Any, cls: type, required: tuple[str, ...] = ()) -
     for f in fields(cls):
         flags = [f"--{f.name.replace('_', '-')}", *f.metadata.get("aliases", ())]
         text = field_help(f) if f.name in required else f"{field_help(f)} (default: {_default(f)!r})"
-        kwargs: dict[str, Any] = dict(dest=f.name, default=None, help=text.replace("%", "%%"))  # argparse formats %
+        kwargs: dict[str, Any] = {
+            "dest": f.name,
+            "default": None,
+            "help": text.replace("%", "%%"),
+        }  # argparse formats %
         if f.name in required:
             kwargs["required"] = True
         hint = hints[f.name]
@@ -50,7 +58,9 @@ def add_field_arguments(group: Any, cls: type, required: tuple[str, ...] = ()) -
 
 
 def _default(f: Field) -> Any:
-    return f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return f.default
 
 
 def given(args: argparse.Namespace, cls: type) -> dict[str, Any]:

@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..formats.embeddings import FORMATS, load_embedding, load_embedding_details, save_embedding
 from ..errors import TIError
 from ..families import label_of_widths
+from ..formats.embeddings import FORMATS, load_embedding, load_embedding_details, save_embedding
+
 
 def describe(path: str | Path) -> dict[str, Any]:
     """What an embedding file holds, as JSON-ready plain values."""

@@ -12,7 +12,7 @@ class ConsoleProgress:
     def __init__(self) -> None:
         self.bar = None
 
-    def __enter__(self) -> "ConsoleProgress":
+    def __enter__(self) -> ConsoleProgress:
         return self
 
     def __exit__(self, *exc) -> None:

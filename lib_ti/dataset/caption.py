@@ -14,9 +14,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..images import UNREADABLE, discover, read_image, unreadable_reason
 from ..errors import PREFIX, TIError, warn
 from ..fileio import write_text
+from ..images import UNREADABLE, discover, read_image, unreadable_reason
 from ..options import option
 from .reports import Skipped, skip, skipped_lines
 
@@ -67,7 +67,7 @@ def caption_folder(folder: str | Path, captioner: Captioner, opts: CaptionOption
     opts = opts or CaptionOptions()
     items = discover(folder, caption_extension=opts.caption_extension)
     report = CaptionReport(Path(folder))
-    todo = []
+    todo: list[Path] = []
     for item in items:
         has_caption = caption_path(item.path, opts.caption_extension).is_file()
         (report.kept if has_caption and not opts.overwrite else todo).append(item.path)
@@ -99,7 +99,7 @@ def _caption_batch(paths: Sequence[Path], captioner: Captioner, opts: CaptionOpt
     if not isinstance(captions, (list, tuple)) or len(captions) != len(images):
         raise TIError(f"the captioner returned {captions!r} for {len(images)} image(s); it must return one string "
                       "per image")
-    for path, text in zip(readable, captions):
+    for path, text in zip(readable, captions, strict=True):
         report.written.append(save_caption(path, compose(str(text), opts), opts.caption_extension))
 
 

@@ -16,8 +16,8 @@ import math
 import numpy as np
 from PIL import Image
 
-Box = tuple[float, float, float, float]
-Size = tuple[int, int]
+from ..buckets import Size
+from ..images import Box
 
 _SCORE_SIDE = 128  # the score map's longer side: position accuracy of ~1% is plenty for a crop
 

@@ -28,17 +28,15 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..buckets import nearest_bucket
+from ..buckets import Size, nearest_bucket
 from ..buckets import describe as describe_buckets
 from ..config import TrainConfig
-from ..images import UNREADABLE, ImageItem, discover, unreadable_reason
 from ..errors import PREFIX, TIError
 from ..families import FAMILIES
-from .reports import Skipped, skipped_lines
+from ..images import UNREADABLE, ImageItem, discover, unreadable_reason
 from ..schedule import parse_schedule
 from ..templates import FILEWORDS, NAME, has_name, is_filewords_only, load_templates, uses_filewords
-
-Size = tuple[int, int]
+from .reports import Skipped, skipped_lines
 
 ACTIVATION_GIB_AT_512 = {"sd1": 2.5, "sd2": 2.5, "sdxl": 1.9}  # SDXL skips attention at the largest level
 CHECKPOINTING_FACTOR = 0.35
@@ -133,7 +131,7 @@ class PreflightReport:
             "captioned": self.captioned, "template_lines": len(self.templates),
             "template_lines_with_trigger": self.template_lines_with_trigger,
             "captions_with_trigger": self.captions_with_trigger,
-            "sizes": None if spread is None else dict(zip(("smallest", "median", "largest"), spread)),
+            "sizes": None if spread is None else dict(zip(("smallest", "median", "largest"), spread, strict=True)),
             "upscaled": [str(info.path) for info in self.upscaled],
             "buckets": {f"{w}x{h}": n for (w, h), n in sorted(self.bucket_counts.items())},
             "memory_gib": None if self.memory is None else round(self.memory.total_gib, 2),
@@ -209,7 +207,9 @@ def _check_images(cfg: TrainConfig, items: list[ImageItem], report: PreflightRep
         except UNREADABLE as e:
             report.skipped.append(Skipped(item.path, unreadable_reason(e)))
             continue
-        copies.setdefault(hashlib.blake2b(item.path.read_bytes(), digest_size=16).hexdigest(), []).append(item.path.name)
+        copies.setdefault(hashlib.blake2b(item.path.read_bytes(), digest_size=16).hexdigest(), []).append(
+            item.path.name
+        )
         bucket = nearest_bucket(size, buckets) if buckets else None
         report.images.append(ImageInfo(item.path, size, item.caption, bucket))
     _warn_copies(copies, report)
@@ -365,7 +365,7 @@ def _report_lines(report: PreflightReport) -> list[str]:
         lines.append(f"  trigger {NAME}/{cfg.name!r}: in {report.template_lines_with_trigger} of "
                      f"{len(report.templates)} template lines, in {report.captions_with_trigger} of {report.captioned} "
                      "captions")
-        smallest, median, largest = report.size_spread
+        smallest, median, largest = report.size_spread or ((0, 0),) * 3
         lines.append(f"  sizes: smallest {_wh(smallest)}, median {_wh(median)}, largest {_wh(largest)}; "
                      f"{len(report.upscaled)} smaller than the size they train at (upscaled)")
         if cfg.buckets:

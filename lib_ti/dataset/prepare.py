@@ -30,11 +30,11 @@ from typing import Literal, NoReturn
 from PIL import Image, ImageColor, ImageOps
 
 from ..buckets import bucket_sizes, nearest_bucket
-from .crops import Box, cover_box, is_oversized, subject_box, tile_boxes
-from ..images import IMAGE_EXTENSIONS, UNREADABLE, ImageItem, discover, open_image, unreadable_reason
 from ..errors import PREFIX, TIError
 from ..fileio import atomic_path, write_text
+from ..images import IMAGE_EXTENSIONS, UNREADABLE, ImageItem, discover, open_image, unreadable_reason
 from ..options import option
+from .crops import Box, cover_box, is_oversized, subject_box, tile_boxes
 from .reports import Skipped, skip, skipped_lines
 
 PrepareCrop = Literal["center", "subject"]
@@ -212,13 +212,16 @@ class _Writer:
         try:
             image = open_image(path)
         except UNREADABLE as e:
-            return skip(skipped, path, unreadable_reason(e))
+            skip(skipped, path, unreadable_reason(e))
+            return None
         if min(image.size) < self.opts.min_size:
-            return skip(skipped, path, f"{image.width}x{image.height} px is below min_size={self.opts.min_size}: "
-                        "too small to train on")
+            skip(skipped, path, f"{image.width}x{image.height} px is below min_size={self.opts.min_size}: "
+                 "too small to train on")
+            return None
         digest = pixel_hash(image)
         if self.opts.dedupe and digest in self.seen:
-            return skip(skipped, path, f"duplicate of {self.seen[digest].name} (same pixels)")
+            skip(skipped, path, f"duplicate of {self.seen[digest].name} (same pixels)")
+            return None
         self.seen.setdefault(digest, path)
         if image.mode == "RGBA" and not self.opts.keep_alpha:
             flat = Image.new("RGB", image.size, self.opts.background_rgb)

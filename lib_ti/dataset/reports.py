@@ -19,10 +19,7 @@ class Skipped:
 
 
 def skip(skipped: list[Skipped], path: Path, reason: str) -> None:
-    """Record a skipped file and warn about it at once (a long run should not hide it until the end).
-
-    Returns None, so a reader can ``return skip(...)`` where it would return the file's content.
-    """
+    """Record a skipped file and warn about it at once (a long run should not hide it until the end)."""
     skipped.append(Skipped(path, reason))
     warn(f"skipping {str(path)!r}: {reason}")
 

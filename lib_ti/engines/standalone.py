@@ -6,18 +6,16 @@ component configs taken from a local diffusers folder: nothing is ever downloade
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..engine import PreviewRequest, frozen_modules
 from ..devices import weights_dtype
+from ..engine import PreviewRequest, frozen_modules
 from ..errors import TIError, say
 from ..families import encoder_key
 from ..libraries import quiet_libraries
@@ -55,7 +53,7 @@ class StandaloneEngine:
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-             config_dir: str | Path | None = None) -> "StandaloneEngine":
+             config_dir: str | Path | None = None) -> StandaloneEngine:
         """Load a diffusers folder, or a single file whose component configs come from ``config_dir``."""
         path = Path(path)
         quiet_libraries()
@@ -95,8 +93,10 @@ class StandaloneEngine:
     def encode_prompts(self, prompts: list[str], token: str, vectors: dict[str, torch.Tensor],
                        size: tuple[int, int]) -> Conditioning:
         if set(vectors) != set(self.encoder_widths):
-            raise TIError(f"vectors for {sorted(vectors)} given, this model's encoders are {sorted(self.encoder_widths)}; "
-                          "match the embedding to the model first (embedding.match_to_model)")
+            raise TIError(
+                f"vectors for {sorted(vectors)} given, this model's encoders are {sorted(self.encoder_widths)}; "
+                "match the embedding to the model first (embedding.match_to_model)"
+            )
         states, pooled = [], None
         for enc in self.encoders:
             vec = vectors[enc.key]
@@ -118,9 +118,11 @@ class StandaloneEngine:
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         dtype = self.unet.dtype
         extra = {}
-        if cond.pooled is not None:
+        if cond.pooled is not None and cond.time_ids is not None:
             extra["added_cond_kwargs"] = {"text_embeds": cond.pooled.to(dtype), "time_ids": cond.time_ids.to(dtype)}
-        return self.unet(noisy_latents.to(dtype), timesteps, encoder_hidden_states=cond.hidden.to(dtype), **extra).sample
+        return self.unet(
+            noisy_latents.to(dtype), timesteps, encoder_hidden_states=cond.hidden.to(dtype), **extra
+        ).sample
 
     def frozen(self):
         return frozen_modules([self.unet, self.vae, *(e.model for e in self.encoders)], eval_mode=True)
@@ -137,7 +139,7 @@ class StandaloneEngine:
         size = (request.height, request.width)
         pos = self.encode_prompts([request.prompt], token, vectors, size)
         neg = self.encode_prompts([request.negative_prompt], token, vectors, size)
-        kwargs = dict(prompt_embeds=pos.hidden, negative_prompt_embeds=neg.hidden)
+        kwargs: dict[str, Any] = {"prompt_embeds": pos.hidden, "negative_prompt_embeds": neg.hidden}
         if self.family == "sdxl":
             kwargs.update(pooled_prompt_embeds=pos.pooled, negative_pooled_prompt_embeds=neg.pooled)
         generator = torch.Generator("cpu").manual_seed(request.seed)
@@ -180,8 +182,10 @@ def _load_folder(path: Path, dtype: torch.dtype):
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     if not (path / "unet").is_dir() or not (path / "text_encoder").is_dir():
-        raise TIError(f"model folder {str(path)!r} is not a diffusers Stable Diffusion folder (no unet/ or text_encoder/)")
-    load = dict(local_files_only=True)
+        raise TIError(
+            f"model folder {str(path)!r} is not a diffusers Stable Diffusion folder (no unet/ or text_encoder/)"
+        )
+    load: dict[str, Any] = {"local_files_only": True}
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, **load)
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32, **load)
     sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
@@ -210,7 +214,7 @@ def _load_single_file(path: Path, dtype: torch.dtype, config_dir: str | Path | N
     # Component configs come from a local diffusers folder (never the hub): the one given, else
     # "<stem>.diffusers" beside the file, as the tiny-model builder and `lib_ti` tools write it.
     config_dir = config_dir or next((p for p in [path.with_name(path.stem + ".diffusers")] if p.is_dir()), None)
-    kwargs: dict[str, Any] = dict(local_files_only=True, torch_dtype=dtype)
+    kwargs: dict[str, Any] = {"local_files_only": True, "torch_dtype": dtype}
     if config_dir:
         kwargs["config"] = str(config_dir)
     try:

@@ -577,8 +577,8 @@ def insert_pixel_payload(image: Any, payload: dict) -> Any:
 def extract_pixel_payload(image: Any) -> dict | None:
     """Read data hidden by the webui's ``insert_image_data_embed``; None when the image holds none."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    lit = (pixels > 0).all(axis=2)  # crop black borders, as the webui does
-    cols, rows = np.flatnonzero(lit.any(axis=0)), np.flatnonzero(lit.any(axis=1))
+    lit = np.all(pixels > 0, axis=2)  # crop black borders, as the webui does
+    cols, rows = np.flatnonzero(np.any(lit, axis=0)), np.flatnonzero(np.any(lit, axis=1))
     if cols.size == 0 or rows.size == 0:
         return None
     low_bits = pixels[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] & 0x0F

@@ -172,7 +172,10 @@ def _rename_all(state: dict, prefixes, inner: dict[str, str], where: str) -> dic
     for key, value in state.items():
         match = next(((d, o, flag) for d, o, flag in prefixes if key.startswith(d)), None)
         if match is None:
-            raise TIError(f"{where}: no original-layout name for {key!r}; the converter's key map is incomplete for this architecture")
+            raise TIError(
+                f"{where}: no original-layout name for {key!r}; the converter's key map is incomplete for this "
+                "architecture"
+            )
         d_prefix, o_prefix, flagged = match
         rest = key[len(d_prefix) :]
         if flagged:

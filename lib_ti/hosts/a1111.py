@@ -23,9 +23,14 @@ from pathlib import Path
 
 import torch
 
+from ..config import TrainConfig
+from ..dataset.blip import load_blip
+from ..dataset.caption import per_image
 from ..engine import PreviewRequest, frozen_modules
 from ..errors import TIError
 from ..families import FAMILIES
+from ..fileio import atomic_path, load_torch
+from ..options import field_help, field_label
 from ..splice import spread_init_vectors
 
 OUTPUT_SUBDIR = ("textual_inversion", "ti-trainer")
@@ -47,7 +52,7 @@ class WebuiEngine:
         self.keys = FAMILIES[self.family].encoders  # in the order of the host's text embedders
         self.prediction_type = {"eps": "epsilon", "v": "v_prediction"}[sd_model.parameterization]
         self.device = devices.device
-        self.embedders = dict(zip(self.keys, _text_embedders(sd_model)))
+        self.embedders = dict(zip(self.keys, _text_embedders(sd_model), strict=True))
         with torch.no_grad():
             self.encoder_widths = {k: int(e.encode_embedding_init_text(",", 1).shape[1])
                                    for k, e in self.embedders.items()}
@@ -185,9 +190,10 @@ class WebuiEngine:
             from modules.textual_inversion.textual_inversion import Embedding as HostEmbedding
 
             zeros = {k: torch.zeros(1, w, device=self.device) for k, w in self.encoder_widths.items()}
-            self.live = HostEmbedding(self._host_vec(zeros), token)
-            self.live.shape, self.live.vectors = sum(self.encoder_widths.values()), 1
-            sd_hijack.model_hijack.embedding_db.register_embedding(self.live, self.model)
+            live = HostEmbedding(self._host_vec(zeros), token)
+            live.shape, live.vectors = sum(self.encoder_widths.values()), 1
+            sd_hijack.model_hijack.embedding_db.register_embedding(live, self.model)
+            self.live = live
         return self.live
 
 
@@ -206,7 +212,7 @@ def _text_embedders_trainable(sd_model) -> Iterator[None]:
     try:
         yield
     finally:
-        for e, flag in zip(embedders, saved):
+        for e, flag in zip(embedders, saved, strict=True):
             e.is_trainable = flag
 
 
@@ -347,8 +353,6 @@ def checkpoint_subdir() -> str:
 
 def publish(path: Path, target: Path) -> Path:
     """Copy a saved embedding into the embeddings folder (atomically) and register it with the host now."""
-    from ..fileio import atomic_path
-
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp:
         shutil.copyfile(path, tmp)
@@ -383,8 +387,6 @@ def _read_for_host(path: Path) -> dict:
         import safetensors.torch
 
         return safetensors.torch.load_file(str(path), device="cpu")
-    from ..fileio import load_torch
-
     return load_torch(path)
 
 
@@ -460,7 +462,7 @@ def wrap_gpu_call(fn, extra_outputs: list):
 # ---------------------------------------------------------------------- settings
 # The extension's own settings: key (prefixed ti_trainer_ in the host) -> (default, label). Config fields
 # marked ``setting`` get a setting too: the default the tab starts from (``config_defaults``).
-HOST_SETTINGS = {
+HOST_SETTINGS: dict[str, tuple[object, str]] = {
     "output_dir": ("", "Folder for training runs (checkpoints, previews, loss logs); empty = "
                        "textual_inversion/ti-trainer in the data folder. --ti-trainer-output-dir wins"),
     "checkpoint_subdir": ("ti-trainer", "Sub-folder of the embeddings folder for checkpoint copies (name-STEP)"),
@@ -470,14 +472,10 @@ HOST_SETTINGS = {
 def _setting_fields() -> list:
     from dataclasses import fields
 
-    from ..config import TrainConfig
-
     return [f for f in fields(TrainConfig) if f.metadata.get("setting")]
 
 
 def _settings_table() -> dict[str, tuple[object, str]]:
-    from ..options import field_help, field_label
-
     table = dict(HOST_SETTINGS)
     for f in _setting_fields():
         table[f.name] = (f.default, f"Default: {field_label(f)} ({field_help(f)})")
@@ -490,8 +488,6 @@ def register_settings() -> None:
 
     import gradio as gr
     from modules import shared
-
-    from ..config import TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
     options = {}
@@ -552,7 +548,7 @@ def self_check(init_text: str = "a photo", prompt: str = "a {} on a table", size
         with torch.no_grad():
             host = _host_conditioning(engine, prompt.format(init_text), size)
         diffs = {name: float((a.detach().float() - b.float()).abs().max()) for name, a, b in _pairs(ours, host)}
-        sum(a.float().pow(2).sum() for _, a, _ in _pairs(ours, host)).backward()
+        torch.stack([a.float().pow(2).sum() for _, a, _ in _pairs(ours, host)]).sum().backward()
     grads = {k: float(v.grad.norm()) if v.grad is not None else 0.0 for k, v in vectors.items()}
     ok = all(d < 1e-4 for d in diffs.values()) and all(g > 0 for g in grads.values())
     return {"ok": ok, "family": engine.family, "checkpoint": getattr(shared.sd_model.sd_checkpoint_info, "name", ""),
@@ -589,12 +585,10 @@ def captioner(model: str | None) -> Iterator:
     would also rank CLIP terms and reset the host's job state, which a running job must keep.
     """
     if model:
-        from ..dataset.blip import load_blip
         from modules import devices
 
         yield load_blip(model, device=str(devices.device))
         return
-    from ..dataset.caption import per_image
     from modules import devices, paths, shared
 
     weights = Path(paths.models_path) / "BLIP"
@@ -623,7 +617,7 @@ def captioner(model: str | None) -> Iterator:
 
 def loaded_family() -> str | None:
     """sd1/sd2/sdxl of the loaded checkpoint, without loading one (None when none is loaded)."""
-    from modules import shared, sd_models
+    from modules import sd_models, shared
 
     model = sd_models.model_data.sd_model if hasattr(sd_models, "model_data") else shared.sd_model
     family = model_family(model) if model is not None else None

@@ -15,8 +15,7 @@ from typing import Any
 from ..checkpoints import list_states
 from ..config import TrainConfig
 from ..errors import TIError
-from . import a1111
-from . import runner
+from . import a1111, runner
 
 PREFIX = "/ti-trainer/v1"
 

@@ -11,10 +11,10 @@ import typing
 from dataclasses import fields
 
 from ..config import BASICS, TrainConfig
+from ..dataset.preflight import check
 from ..errors import TIError
 from ..options import field_help, field_label
 from ..templates import builtin_names
-from ..dataset.preflight import check
 from . import a1111, runner, webui_dataset
 from .widgets import sections, ui_fields, values_to_options, widget
 
@@ -131,7 +131,7 @@ def _widget(name: str, default, control=None, **overrides):
         control, default, overrides = gr.Dropdown, "all", {"choices": list(ENCODER_CHOICES)} | overrides
     if control is None:
         return widget(TrainConfig, _FIELDS[name], default, element_id(name), **overrides)
-    kwargs = dict(label=field_label(_FIELDS[name]), info=field_help(_FIELDS[name]), elem_id=element_id(name))
+    kwargs = {"label": field_label(_FIELDS[name]), "info": field_help(_FIELDS[name]), "elem_id": element_id(name)}
     return control(value=default, **(kwargs | overrides))
 
 
@@ -148,7 +148,7 @@ def config_from_values(values: list, from_txt2img: bool, txt2img: list) -> Train
     """The tab's values as a validated config (numbers come back from Gradio as floats)."""
     data = dict(zip(FIELD_NAMES, values, strict=True))
     if from_txt2img and txt2img:
-        data.update(zip(TXT2IMG_FIELDS, txt2img, strict=False))
+        data.update(zip(TXT2IMG_FIELDS, txt2img, strict=False))  # hosts may pass fewer
     data["train_encoders"] = ENCODER_CHOICES.get(data.get("train_encoders") or "all", [])
     return TrainConfig.from_dict(values_to_options(TrainConfig, data))
 

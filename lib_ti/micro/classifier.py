@@ -7,7 +7,10 @@ model's own output would learn its mistakes.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
+import operator
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import TIError
+from ..fileio import atomic_path
 from .optim import warmup_cosine
 from .shapes import COLOUR_NAMES, SHAPES, Scene, draw, random_scene
 
@@ -35,7 +39,7 @@ class ShapeClassifier(nn.Module):
         super().__init__()
         widths = (3, 32, 64, 96, 128)
         layers: list[nn.Module] = []
-        for c_in, c_out in zip(widths, widths[1:]):
+        for c_in, c_out in itertools.pairwise(widths):
             layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
         self.features = nn.Sequential(*layers, nn.Flatten(), nn.Linear(128 * 4 * 4, 64), nn.ReLU())
         self.heads = nn.ModuleDict({name: nn.Linear(64, len(labels)) for name, labels in HEADS.items()})
@@ -86,7 +90,7 @@ def roughen(pixels: torch.Tensor, generator: torch.Generator, max_blur: float) -
     """Blur, shift colours and add noise per image, so soft or slightly off-colour renders still classify."""
     n = pixels.shape[0]
     sigma = torch.rand(n, generator=generator) * max_blur
-    out = torch.stack([_blur(p, float(s)) for p, s in zip(pixels, sigma)])
+    out = torch.stack([_blur(p, float(s)) for p, s in zip(pixels, sigma, strict=True)])
     out = out + (torch.rand(n, 3, 1, 1, generator=generator) - 0.5) * 0.2
     out = out + torch.randn(out.shape, generator=generator) * torch.rand(n, 1, 1, 1, generator=generator) * 0.1
     return out.clamp(-1, 1)
@@ -151,10 +155,10 @@ def train_classifier(cfg: ClassifierConfig, progress=None, round_trips: RoundTri
     n_round_trips = round(cfg.batch_size * cfg.round_trip_share) if round_trips is not None else 0
     for _ in range(cfg.steps):
         pixels, labels, _ = labelled_batch(rng, cfg.batch_size - n_round_trips)
-        if n_round_trips:
+        if n_round_trips and round_trips is not None:
             pixels, labels = round_trips.mixed_into(pixels, labels, n_round_trips, generator)
         logits = model(roughen(pixels, generator, cfg.max_blur))
-        loss = sum(F.cross_entropy(logits[name], labels[name]) for name in HEADS)
+        loss = functools.reduce(operator.add, [F.cross_entropy(logits[name], labels[name]) for name in HEADS])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -194,8 +198,10 @@ def accuracy_on_round_trips(model: ShapeClassifier, vae, n: int, seed: int) -> d
 
 
 def _accuracy(predictions: Sequence[Prediction], scenes: Sequence[Scene]) -> dict[str, float]:
-    return {name: sum(getattr(p, name) == getattr(s, name) for p, s in zip(predictions, scenes)) / len(scenes)
-            for name in HEADS}
+    return {
+        name: sum(getattr(p, name) == getattr(s, name) for p, s in zip(predictions, scenes, strict=True)) / len(scenes)
+        for name in HEADS
+    }
 
 
 def to_image(pixels: torch.Tensor):
@@ -208,8 +214,6 @@ def to_image(pixels: torch.Tensor):
 
 def save_classifier(model: ShapeClassifier, path: str | Path) -> None:
     from safetensors.torch import save_file
-
-    from ..fileio import atomic_path
 
     state = {k: (v.to(torch.float16) if v.is_floating_point() else v).detach().contiguous()
              for k, v in model.state_dict().items()}

@@ -47,9 +47,11 @@ def render(engine, cases: Sequence[Case], *, token: str = NO_TOKEN, vectors: dic
 def score(predictions: Sequence[Prediction], cases: Sequence[Case]) -> dict[str, float]:
     """Fraction of renders whose shape, colour, background (and all three) match the case."""
     n = len(cases)
-    hits = {name: sum(getattr(p, name) == getattr(c, name) for p, c in zip(predictions, cases)) / n
+    hits = {name: sum(getattr(p, name) == getattr(c, name) for p, c in zip(predictions, cases, strict=True)) / n
             for name in ("shape", "colour", "background")}
-    hits["all"] = sum(p == Prediction(c.shape, c.colour, c.background) for p, c in zip(predictions, cases)) / n
+    hits["all"] = (
+        sum(p == Prediction(c.shape, c.colour, c.background) for p, c in zip(predictions, cases, strict=True)) / n
+    )
     return hits
 
 
@@ -60,7 +62,9 @@ def plain_cases(n: int, seed: int) -> list[Case]:
     for i in range(n):
         shape = SHAPES[i % len(SHAPES)]
         colour, background = rng.sample(COLOUR_NAMES, 2)
-        cases.append(Case(f"a {colour} {shape} on a {background} background", shape, colour, background, seed * 1000 + i))
+        cases.append(
+            Case(f"a {colour} {shape} on a {background} background", shape, colour, background, seed * 1000 + i)
+        )
     return cases
 
 

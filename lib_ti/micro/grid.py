@@ -7,6 +7,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from ..fileio import atomic_path
+
 CELL = 128  # 64px renders shown at 2x, nearest-neighbour: what the classifier saw, not a smoothed version
 LABEL_WIDTH = 150
 HEADER = 18
@@ -21,7 +23,7 @@ def image_grid(rows: Sequence[Sequence[Image.Image]], row_labels: Sequence[str],
     pen = ImageDraw.Draw(grid)
     if title:
         pen.text((4, 3), title, fill=(0, 0, 0))
-    for r, (images, label) in enumerate(zip(rows, row_labels)):
+    for r, (images, label) in enumerate(zip(rows, row_labels, strict=True)):
         y = top + r * cell
         pen.multiline_text((4, y + 4), label, fill=(0, 0, 0), spacing=3)
         for c, image in enumerate(images):
@@ -30,8 +32,6 @@ def image_grid(rows: Sequence[Sequence[Image.Image]], row_labels: Sequence[str],
 
 
 def save_png(image: Image.Image, path: str | Path) -> Path:
-    from ..fileio import atomic_path
-
     path = Path(path)
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")

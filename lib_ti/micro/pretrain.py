@@ -31,21 +31,28 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from ..engine import add_noise, min_snr_weights
+from ..engines.standalone import StandaloneEngine, TextEncoder
 from ..errors import PREFIX, TIError
+from ..models.tiny import sd_scheduler
 from . import model as micro
 from .classifier import (
     ClassifierConfig,
     accuracy_on_fresh_images,
     accuracy_on_round_trips,
+    classify,
     save_classifier,
     to_pixels,
     train_classifier,
     vae_round_trips,
 )
+from .evaluate import plain_cases, prompt_following, render, score
+from .grid import image_grid, save_png
 from .optim import warmup_cosine
 from .shapes import CaptionMix, draw, random_scene, training_caption
 
@@ -81,7 +88,7 @@ class PretrainConfig:
     eval_steps: int = 20
     eval_cfg_scale: float = 7.0
 
-    def scaled(self, fraction: float) -> "PretrainConfig":
+    def scaled(self, fraction: float) -> PretrainConfig:
         """The same recipe with every stage's length times ``fraction`` (smoke runs and tests)."""
         def n(value: int, low: int = 2) -> int:
             return max(low, round(value * fraction))
@@ -104,7 +111,7 @@ def vae_batch(rng: random.Random, cfg: PretrainConfig) -> torch.Tensor:
     return pixels[..., top:top + cfg.vae_crop, left:left + cfg.vae_crop]
 
 
-def train_vae(cfg: PretrainConfig, log) -> torch.nn.Module:
+def train_vae(cfg: PretrainConfig, log) -> Any:  # a diffusers AutoencoderKL
     torch.manual_seed(cfg.seed + 1)
     vae = micro.vae()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
@@ -160,12 +167,12 @@ class EMA:
     def update(self) -> None:
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for shadow, param in zip(self.shadow, self.params):
+        for shadow, param in zip(self.shadow, self.params, strict=True):
             shadow.lerp_(param.detach(), 1 - decay)
 
     @torch.no_grad()
     def copy_to_model(self) -> None:
-        for shadow, param in zip(self.shadow, self.params):
+        for shadow, param in zip(self.shadow, self.params, strict=True):
             param.copy_(shadow)
 
     @contextlib.contextmanager
@@ -177,7 +184,7 @@ class EMA:
             yield
         finally:
             with torch.no_grad():
-                for saved, param in zip(backup, self.params):
+                for saved, param in zip(backup, self.params, strict=True):
                     param.copy_(saved)
 
 
@@ -185,9 +192,6 @@ def train_denoiser(cfg: PretrainConfig, scenes: list, mean: torch.Tensor, std: t
                    preview: Callable[[int, torch.nn.Module, torch.nn.Module], None] | None = None):
     """Train the UNet and text encoder together; ``preview(step, unet, text)`` sees the averaged weights
     every ``preview_every`` steps."""
-    from ..engine import add_noise, min_snr_weights
-    from ..models.tiny import sd_scheduler
-
     torch.manual_seed(cfg.seed + 2)
     unet, text = micro.unet(), micro.text_encoder()
     tokenize = _Tokenizer(micro.tokenizer())
@@ -226,7 +230,8 @@ class _Tokenizer:
     """Caption -> the 77 ids the engine will feed at render time (BOS, words, EOS, EOS padding); cached."""
 
     def __init__(self, tokenizer) -> None:
-        self.tokenizer, self.cache = tokenizer, {}
+        self.tokenizer = tokenizer
+        self.cache: dict[str, torch.Tensor] = {}
 
     def __call__(self, captions: list[str]) -> torch.Tensor:
         for text in set(captions) - set(self.cache):
@@ -297,12 +302,6 @@ class _Previews:
         self.tokenizer = micro.tokenizer()  # built once: it writes the vocabulary files to a temp folder
 
     def __call__(self, step: int, unet, text) -> None:
-        from .evaluate import plain_cases, render, score
-        from .classifier import classify
-        from .grid import image_grid, save_png
-        from ..engines.standalone import StandaloneEngine, TextEncoder
-        from ..models.tiny import sd_scheduler
-
         engine = StandaloneEngine(unet, self.vae, [TextEncoder("clip_l", text, self.tokenizer)],
                                   dict(sd_scheduler("epsilon").config), family="sd1", device=torch.device("cpu"),
                                   checkpoint_name=micro.NAME)
@@ -316,9 +315,6 @@ class _Previews:
 
 
 def _evaluate(folder: Path, classifier, cfg: PretrainConfig, log) -> dict:
-    from ..engines.standalone import StandaloneEngine
-    from .evaluate import prompt_following
-
     engine = StandaloneEngine.load(folder / f"{micro.NAME}.diffusers")
     return prompt_following(engine, classifier, n=cfg.eval_renders, seed=cfg.seed, steps=cfg.eval_steps,
                             cfg_scale=cfg.eval_cfg_scale, on_render=lambda i: log(i, {}))
@@ -365,7 +361,7 @@ class _Stage:
     def __init__(self, report: dict, name: str, total: int) -> None:
         self.report, self.name, self.total = report, name, total
 
-    def __enter__(self) -> "_Stage":
+    def __enter__(self) -> _Stage:
         from tqdm import tqdm
 
         self.bar = tqdm(total=self.total, desc=self.name, unit="step", dynamic_ncols=True, file=sys.stderr,

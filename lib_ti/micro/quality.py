@@ -42,7 +42,10 @@ from .evaluate import Case, render, score
 from .grid import image_grid, save_png
 from .shapes import COLOUR_NAMES, SHAPES, draw, random_scene
 
-TOKEN_TEMPLATES = ("a {token} in {colour} on a {background} background", "a {colour} {token} on a {background} background")
+TOKEN_TEMPLATES = (
+    "a {token} in {colour} on a {background} background",
+    "a {colour} {token} on a {background} background",
+)
 GRID_COLUMNS = 8
 
 
@@ -172,7 +175,7 @@ class Row:
 
 
 def run_quality(target, classifier, cfg: QualityConfig, *, progress: Callable[[str], None] = lambda _msg: None) -> dict:
-    """Train through ``target``, render every checkpoint, score; write the grid and ``report.json`` under ``cfg.out``."""
+    """Train through ``target``, render and score every checkpoint; write the grid and report.json to ``cfg.out``."""
     out = Path(cfg.out)
     t0 = time.perf_counter()
     data_dir = write_concept_images(cfg, out / "images")
@@ -189,7 +192,7 @@ def run_quality(target, classifier, cfg: QualityConfig, *, progress: Callable[[s
 
 def _render_rows(target, classifier, cfg: QualityConfig, progress) -> list[Row]:
     token_prompts = token_cases(cfg, cfg.token)
-    plans = [(f"init word '{cfg.init_text}'", 0, token_prompts)]
+    plans: list[tuple[str, int | None, list[Case]]] = [(f"init word '{cfg.init_text}'", 0, token_prompts)]
     plans += [(f"step {s}", s, token_prompts) for s in cfg.eval_steps]
     plans.append((f"word '{cfg.concept}'", None, token_cases(cfg, cfg.concept)))
     rows = []
@@ -227,7 +230,8 @@ def format_report(report: dict) -> str:
         lines.append(f"{r['label']:<22}{r['shape']:>7.2f}{r['colour']:>8.2f}{r['background']:>9.2f}{r['all']:>6.2f}")
     bench = report["bench"]
     lines += [
-        f"renders       {bench['renders']} prompts per row ({bench['sampler_steps']} Euler steps, cfg {bench['cfg_scale']}): "
+        f"renders       {bench['renders']} prompts per row ({bench['sampler_steps']} Euler steps, "
+        f"cfg {bench['cfg_scale']}): "
         + " | ".join(report["prompts"]),
         f"training      {report['steps_done']} steps in {report['train_wall_s']:.1f}s; settings other than the "
         f"defaults: {report['train_settings_not_default']}",

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw
 
 from ..errors import TIError
+from ..templates import BUILTIN_TEMPLATES
 
 IMAGE_SIZE = 64
 SHAPES = ("circle", "square", "triangle", "star", "heart", "cross", "ring", "diamond")
@@ -34,7 +35,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "black": (20, 20, 20),
 }
 COLOUR_NAMES = tuple(COLOURS)
-MIN_RADIUS, MAX_RADIUS = 15, 26  # pixels: a shape spans half to four fifths of the image (smaller stars blur into blobs in the VAE)
+MIN_RADIUS, MAX_RADIUS = (
+    15,
+    26,
+)  # pixels: a shape spans half to four fifths of the image (smaller stars blur into blobs in the VAE)
 _SUPERSAMPLE = 4
 RING_HOLE = 0.55  # inner radius of a ring, as a fraction of its outer radius
 
@@ -149,8 +153,6 @@ GENERIC_SHAPE = "shape"
 
 
 def _template_prefixes() -> tuple[str, ...]:
-    from ..templates import BUILTIN_TEMPLATES
-
     return tuple(line.replace(" [name]", "") for line in BUILTIN_TEMPLATES["object"])
 
 

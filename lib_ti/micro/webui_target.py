@@ -21,7 +21,7 @@ from pathlib import Path
 from ..errors import TIError
 from .evaluate import Case
 from .model import NAME
-from .quality import QualityConfig, Trained, train_config
+from .quality import Trained, train_config
 
 POLL_S = 1.0
 

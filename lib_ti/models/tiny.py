@@ -24,14 +24,15 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..errors import TIError
 from ..families import NAMES
-from ..libraries import quiet_libraries
 from ..formats.clip_tokenizer import EOS, MAX_LENGTH, VOCAB_SIZE, write_clip_tokenizer
 from ..formats.model_files import save_diffusers, save_single_file, text_state
+from ..libraries import quiet_libraries
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 _DEFAULT_PREDICTION = {"sd1": "epsilon", "sd2": "v_prediction", "sdxl": "epsilon"}
@@ -46,7 +47,7 @@ _VAE_SCALING = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
 
 # Text encoder shapes by kind. clip_l: OpenAI CLIP-L (SD1, SDXL's first encoder); clip_h:
 # OpenCLIP ViT-H (SD2); clip_g: OpenCLIP ViT-bigG (SDXL's second encoder, with projection).
-_TEXT = {
+_TEXT: dict[str, dict[str, Any]] = {
     "clip_l": {"hidden_size": 32, "hidden_act": "quick_gelu", "pad": EOS},
     "clip_h": {"hidden_size": 32, "hidden_act": "gelu", "pad": "!"},
     "clip_g": {"hidden_size": 64, "hidden_act": "gelu", "pad": "!", "projection_dim": 48},
@@ -209,6 +210,7 @@ def _unet(family: str):
     down = ("CrossAttnDownBlock2D",) * (n_levels - 1) + ("DownBlock2D",)
     up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n_levels - 1)
     kind = "clip_l" if family == "sd1" else "clip_h"
+    extra: dict[str, Any]
     if family == "sd1":
         extra = {"attention_head_dim": 8}  # SD1's "head dim" is really its head count
     else:
