@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .config import TrainConfig
 from .embedding import Embedding
 from .errors import TIError
 from .fileio import atomic_path, load_torch
@@ -74,6 +75,11 @@ def load_latest(run_dir: Path, name: str) -> TrainingState:
             "start without --resume, or point --output-dir at the run folder"
         )
     return load_state(states[-1][1])
+
+
+def saved_config(run_dir: Path, name: str) -> TrainConfig:
+    """The config the run's last checkpoint was trained with: what a resumed run continues with."""
+    return TrainConfig.from_dict(load_latest(run_dir, name).config)
 
 
 def load_state(path: Path) -> TrainingState:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
+from dataclasses import Field, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -35,6 +36,8 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\- ]{0,63}$")
 
 # Sections group the fields in the webui tab: basics on top, the others folded.
 BASICS, TRAINING, DATA, SAVING = "Basics", "Training", "Data", "Saving and previews"
+# Field metadata: resume=True may change when a run is resumed (how long, the schedules, how often to
+# save, log and preview: nothing that changes what a step computes); path=True compares as a path.
 
 
 @dataclass
@@ -46,29 +49,30 @@ class TrainConfig:
                             label="Initialization text", section=BASICS)
     num_vectors: int = option(1, "vectors per token: more = more capacity, fewer prompt tokens left",
                               label="Vectors per token", section=BASICS)
-    overwrite: bool = option(False, "allow replacing an existing embedding / run folder", section=BASICS)
+    overwrite: bool = option(False, "allow replacing an existing embedding / run folder", section=BASICS, resume=True)
     init_from: str = option("", "an existing embedding file to continue training from",
-                            label="Continue from embedding (optional)", section=BASICS)
+                            label="Continue from embedding (optional)", section=BASICS, path=True)
     data_dir: str = option("", "folder of images, with optional .txt captions or metadata.jsonl",
-                           label="Dataset folder", section=BASICS, aliases=("--data",))
+                           label="Dataset folder", section=BASICS, aliases=("--data",), path=True)
     template: str = option("object", "built-in set (object, style, *_filewords, captions, name) or a file",
                            label="Prompt template", section=BASICS)
-    model: str = option("", "standalone engine: diffusers folder or single-file checkpoint", ui=False)
+    model: str = option("", "standalone engine: diffusers folder or single-file checkpoint", ui=False, path=True)
 
     # How long and how fast
     steps: int = option(1000, "optimizer steps (the learning-rate schedule may end training earlier)",
-                        label="Max steps", section=TRAINING)
+                        label="Max steps", section=TRAINING, resume=True)
     batch_size: int = option(1, "images per micro-batch", section=TRAINING)
     grad_accum: int = option(1, "micro-batches per optimizer step; the loss is divided by this",
                              label="Gradient accumulation", section=TRAINING)
-    learning_rate: str = option("0.005", 'webui schedule syntax: "0.05:10, 0.02:20, 0.005:200"', section=TRAINING)
+    learning_rate: str = option("0.005", 'webui schedule syntax: "0.05:10, 0.02:20, 0.005:200"', section=TRAINING,
+                                resume=True)
     optimizer: Optimizer = option("adamw", "adamw, or prodigy (needs the prodigyopt package; use learning rate 1.0 "
                                   "with it)", section=TRAINING)
     weight_decay: float = option(0.0, "0 keeps vector norms where the text encoder expects them", section=TRAINING)
     clip_mode: ClipMode = option("none", "gradient clipping: none, value or norm (applied after unscaling)",
                                  label="Gradient clipping", section=TRAINING)
     clip_value: str = option("0.1", "threshold schedule, same syntax as the learning rate", label="Clipping threshold",
-                             section=TRAINING)
+                             section=TRAINING, resume=True)
     min_snr_gamma: float = option(0.0, "0 = off; 5 is the usual value (Hang et al. 2023)", label="Min-SNR gamma",
                                   section=TRAINING)
     precision: Precision = option("auto", "autocast dtype: auto = bf16/fp16 on GPU, fp32 on CPU", section=TRAINING,
@@ -110,30 +114,31 @@ class TrainConfig:
 
     # Saving and previews
     output_dir: str = option("", 'run folder: checkpoints, previews, loss.csv; "" = outputs/<name>',
-                             label="Run folder", section=SAVING)
+                             label="Run folder", section=SAVING, resume=True, path=True)
     save_every: int = option(500, "0 = only the final save", label="Save a checkpoint every N steps", section=SAVING,
-                             setting=True)
+                             setting=True, resume=True)
     keep_last: int = option(3, "checkpoints kept (0 = all); the final embedding is always kept",
-                            label="Checkpoints kept", section=SAVING, setting=True)
+                            label="Checkpoints kept", section=SAVING, setting=True, resume=True)
     save_format: SaveFormat = option("safetensors", "safetensors (every tool loads it) or pt (the webui classic "
                                      "format)", section=SAVING)
-    log_every: int = option(
-        10, "loss logging interval; each log is one device sync", label="Log the loss every N steps", section=SAVING
-    )
-    preview_every: int = option(500, "0 = no previews", label="Preview every N steps", section=SAVING, setting=True)
-    preview_prompt: str = option("", '"" = the first template line with the name', section=SAVING, txt2img="prompt")
+    log_every: int = option(10, "loss logging interval; each log is one device sync",
+                            label="Log the loss every N steps", section=SAVING, resume=True)
+    preview_every: int = option(500, "0 = no previews", label="Preview every N steps", section=SAVING, setting=True,
+                                resume=True)
+    preview_prompt: str = option("", '"" = the first template line with the name', section=SAVING, txt2img="prompt",
+                                 resume=True)
     preview_negative_prompt: str = option("", "negative prompt of the preview renders", section=SAVING,
-                                          txt2img="negative_prompt")
+                                          txt2img="negative_prompt", resume=True)
     preview_steps: int = option(20, "sampling steps of a preview render", label="Preview sampling steps",
-                                section=SAVING, txt2img="steps")
+                                section=SAVING, txt2img="steps", resume=True)
     preview_sampler: str = option("", 'webui: sampler of the preview renders ("" = Euler); the headless engine always '
-                                  "uses Euler", section=SAVING, txt2img="sampler_name")
+                                  "uses Euler", section=SAVING, txt2img="sampler_name", resume=True)
     preview_cfg_scale: float = option(7.0, "classifier-free guidance scale of a preview render",
-                                      label="Preview CFG scale", section=SAVING, txt2img="cfg_scale")
+                                      label="Preview CFG scale", section=SAVING, txt2img="cfg_scale", resume=True)
     preview_seed: int = option(0, "seed of the preview renders (fixed, so previews are comparable across steps)",
-                               section=SAVING, txt2img="seed")
-    preview_width: int = option(0, "0 = training width", section=SAVING, txt2img="width")
-    preview_height: int = option(0, "0 = training height", section=SAVING, txt2img="height")
+                               section=SAVING, txt2img="seed", resume=True)
+    preview_width: int = option(0, "0 = training width", section=SAVING, txt2img="width", resume=True)
+    preview_height: int = option(0, "0 = training height", section=SAVING, txt2img="height", resume=True)
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -214,6 +219,33 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def resumed(self, given: Mapping[str, Any]) -> tuple[TrainConfig, list[str]]:
+        """This saved run's config with ``given``'s changes of resumable fields, and one note per change.
+
+        A resumed run must compute what the uninterrupted run would have: any other difference (seed,
+        data, template, size, ...) is refused, naming each one, before any work.
+        """
+        known = {f.name: f for f in fields(self)}
+        changed: dict[str, Any] = {}
+        refused: list[str] = []
+        for name, value in given.items():
+            if name not in known:
+                raise TIError(f"unknown config key {name!r}; valid keys are: {', '.join(sorted(known))}")
+            if _same(known[name], getattr(self, name), value):
+                continue
+            if known[name].metadata.get("resume"):
+                changed[name] = value
+            else:
+                refused.append(name)
+        if refused:
+            diffs = "; ".join(f"{n}: run {getattr(self, n)!r}, given {given[n]!r}" for n in refused)
+            free = ", ".join(f.name for f in fields(self) if f.metadata.get("resume"))
+            raise TIError(f"resume continues the run with its own settings, and these differ from it: {diffs}. "
+                          f"Leave them as the run has them (only {free} may change), or start a new run "
+                          "(another name or output folder) to train with other settings")
+        cfg = self.replace(**changed) if changed else self
+        return cfg, [f"{n}: {getattr(self, n)!r} -> {v!r}" for n, v in changed.items()]
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
@@ -234,6 +266,11 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
+        return cls.from_dict(cls.read_file(path))
+
+    @classmethod
+    def read_file(cls, path: str | Path) -> dict[str, Any]:
+        """A config file's keys and values (YAML or JSON), checked only for being a mapping."""
         path = Path(path)
         if not path.is_file():
             raise TIError(f"config file {str(path)!r} does not exist")
@@ -251,7 +288,7 @@ class TrainConfig:
             ) from None
         if not isinstance(data, dict):
             raise TIError(f"config file {str(path)!r} must hold a mapping of keys to values")
-        return cls.from_dict(data)
+        return data
 
 
 def check_paths(cfg: TrainConfig, *, need_model: bool = True) -> None:
@@ -267,6 +304,13 @@ def check_paths(cfg: TrainConfig, *, need_model: bool = True) -> None:
 
 
 # ---------------------------------------------------------------------- helpers
+def _same(f: Field, saved: Any, given: Any) -> bool:
+    """Equal as the run would use them: paths by where they point, numbers by value, "" and None alike."""
+    if f.metadata.get("path") and saved and given:
+        return Path(str(saved)).expanduser().resolve() == Path(str(given)).expanduser().resolve()
+    return saved == given or (saved in ("", None) and given in ("", None))
+
+
 def _bad(name: str, value: Any, fix: str) -> None:
     raise TIError(f"config {name}={value!r} is invalid: {fix}")
 

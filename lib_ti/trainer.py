@@ -102,7 +102,10 @@ class _Run:
         """The run in ``cfg.run_dir`` from its last checkpoint: vectors, optimizer, scaler and pending losses."""
         state = load_latest(cfg.run_dir, cfg.name)
         _check_resumable(state, engine)
-        return cls._build(engine, cfg, data, emit, step=state.step, vectors=state.vectors, notes=[], state=state)
+        # Only what may change on resume may differ from the run's own settings (TrainConfig.resumed).
+        _, changes = TrainConfig.from_dict(state.config).resumed(cfg.to_dict())
+        notes = [f"resumed with {change}" for change in changes]
+        return cls._build(engine, cfg, data, emit, step=state.step, vectors=state.vectors, notes=notes, state=state)
 
     @classmethod
     def _build(cls, engine: Engine, cfg: TrainConfig, data: TrainingData, emit: EventHandler, *, step: int,

@@ -75,6 +75,15 @@ def test_train_then_inspect_then_resume_further(tiny_model, tmp_path):
     assert again.returncode == 2 and "already holds checkpoints" in again.stderr
     more = cli("train", *common, "--steps", "6", "--resume")
     assert "finished at step 6" in more.stdout
+    assert "resumed with steps: 4 -> 6" in more.stderr  # said at the start of the run
+
+    other_seed = cli("train", *common, "--steps", "8", "--seed", "5", "--resume", check=False)
+    assert other_seed.returncode == 2 and "seed: run 0, given 5" in other_seed.stderr
+    assert TrainConfig.load(run / "config.yaml").seed == 0  # the refused resume rewrote nothing
+    # Resuming needs only where the run is: its data, size and template come from the run itself.
+    short = cli("train", "--model", model, "--output-dir", run, "--name", "cli-tok", "--steps", "8", "--resume")
+    assert "finished at step 8" in short.stdout
+    assert TrainConfig.load(run / "config.yaml").width == 64
 
 
 @pytest.mark.slow

@@ -88,3 +88,27 @@ def test_check_paths_before_any_model_work(tmp_path):
     with pytest.raises(TIError, match="init_from"):
         check_paths(TrainConfig(model=str(tmp_path), data_dir=str(tmp_path), init_from=str(tmp_path / "x.pt")))
     check_paths(TrainConfig(model=str(tmp_path), data_dir=str(tmp_path)))
+
+
+def test_resume_keeps_the_runs_settings_and_lists_what_changed(tmp_path):
+    saved = TrainConfig(name="tok", data_dir=str(tmp_path), width=64, height=64, seed=3, steps=100)
+    cfg, notes = saved.resumed({"steps": 300, "learning_rate": "0.002", "seed": 3, "width": 64})
+    assert (cfg.steps, cfg.learning_rate, cfg.seed, cfg.width) == (300, "0.002", 3, 64)
+    assert notes == ["steps: 100 -> 300", "learning_rate: '0.005' -> '0.002'"]
+    assert saved.resumed({})[0] == saved
+    same_folder = str(tmp_path / "sub" / "..")  # a path is the same path however it is spelled
+    assert saved.resumed({"data_dir": same_folder})[1] == []
+    with pytest.raises(TIError) as refused:
+        saved.resumed({"seed": 4, "width": 512, "template": "style", "steps": 200})
+    message = str(refused.value)
+    assert "seed: run 3, given 4" in message and "width: run 64, given 512" in message and "template" in message
+    assert "steps" not in message.split("differ from it:")[1].split(".")[0]  # steps may change: not refused
+    with pytest.raises(TIError, match="unknown config key 'nope'"):
+        saved.resumed({"nope": 1})
+
+
+def test_only_settings_that_do_not_change_a_steps_computation_may_change_on_resume():
+    free = {f.name for f in fields(TrainConfig) if f.metadata.get("resume")}
+    assert {"steps", "learning_rate", "save_every", "preview_every", "keep_last"} <= free
+    assert not free & {"seed", "data_dir", "template", "width", "height", "num_vectors", "batch_size", "grad_accum",
+                       "optimizer", "precision", "crop", "flip", "init_text", "latent_sampling"}

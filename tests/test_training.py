@@ -94,6 +94,16 @@ def test_resume_reproduces_the_uninterrupted_run(family, engines, images, tmp_pa
     assert (tmp_path / "full" / "loss.csv").read_text() == (tmp_path / "split" / "loss.csv").read_text()
 
 
+def test_resume_refuses_settings_the_run_was_not_trained_with(engines, images, tmp_path):
+    engine = engines("sd1")
+    cfg = config(tmp_path, images, steps=2, save_every=1)
+    train(engine, cfg)
+    with pytest.raises(TIError, match="seed: run 0, given 9"):
+        train(engine, cfg.replace(seed=9, steps=4), resume=True)
+    more = train(engine, cfg.replace(steps=4), resume=True)  # more steps are fine, and said
+    assert more.steps_done == 4
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_saved_checkpoints_reload_bit_exactly_in_every_format(family, engines, images, tmp_path):
     engine = engines(family)

@@ -132,3 +132,25 @@ def test_only_one_run_at_a_time(host_folders, monkeypatch):
     first.finish(stopped=False)
     again = runner.new_job(TrainConfig(name="one"))  # same name, same second: its own run id
     assert again.run_id != first.run_id and runner.JOBS[first.run_id] is first
+
+
+def test_a_resume_request_continues_the_runs_own_config(host_folders):
+    import torch
+
+    from lib_ti.checkpoints import TrainingState, save_checkpoint
+    from lib_ti.embedding import Embedding
+
+    run_dir = host_folders / "runs" / "tok"
+    saved = TrainConfig(name="tok", data_dir=str(host_folders / "data"), output_dir=str(run_dir), width=64, height=64,
+                        steps=10, seed=7, template="style")
+    vectors = {"clip_l": torch.zeros(1, 8)}
+    save_checkpoint(run_dir, Embedding("tok", vectors, 5), TrainingState(5, vectors, {}, None, saved.to_dict(), []),
+                    "safetensors", keep_last=0)
+    cfg = runner.request_config({"name": "tok", "steps": 20}, resume=True)
+    assert (cfg.steps, cfg.seed, cfg.template, cfg.width) == (20, 7, "style", 64)
+    assert runner.resolve(cfg, resume=True).output_dir == str(run_dir)
+    with pytest.raises(TIError, match="seed: run 7, given 1"):
+        runner.request_config({"name": "tok", "seed": 1}, resume=True)
+    with pytest.raises(TIError, match="nothing to resume"):
+        runner.request_config({"name": "other"}, resume=True)
+    assert runner.request_config({"name": "tok", "steps": 3}, resume=False).template == "object"  # a new run

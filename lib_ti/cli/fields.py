@@ -69,6 +69,11 @@ def given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    cfg = TrainConfig.load(args.config) if args.config else TrainConfig()
-    changes = given(args, TrainConfig)
-    return cfg.replace(**changes) if changes else cfg
+    """The config file's values, then the flags given; with --resume, the run's own config with those changes."""
+    values = {**(TrainConfig.read_file(args.config) if args.config else {}), **given(args, TrainConfig)}
+    if not getattr(args, "resume", False):
+        return TrainConfig.from_dict(values)
+    from ..checkpoints import saved_config  # heavy: torch
+
+    where = TrainConfig.from_dict({k: values[k] for k in ("name", "output_dir") if k in values})
+    return saved_config(where.run_dir, where.name).resumed(values)[0]  # the run reports the changes as notes

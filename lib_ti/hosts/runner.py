@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from .. import events
-from ..checkpoints import list_states
+from ..checkpoints import list_states, saved_config
 from ..config import TrainConfig
 from ..data import prepare_data
 from ..engine import embedding_of
@@ -27,6 +27,24 @@ MAX_JOBS_KEPT = 20
 
 
 # ---------------------------------------------------------------------- checks before any work
+def request_config(given: dict, *, resume: bool) -> TrainConfig:
+    """The config a request asks for: its keys over the defaults, or, to resume, over the run's own config.
+
+    A resumed run keeps its settings: given keys may change only what ``TrainConfig.resumed`` allows.
+    """
+    if not resume:
+        return TrainConfig.from_dict(given)
+    where = TrainConfig.from_dict({k: given[k] for k in ("name", "output_dir") if k in given})
+    run_dir = _run_folder(where.output_dir or where.name)
+    if not list_states(run_dir, where.name):
+        raise TIError(f"nothing to resume: {str(run_dir)!r} holds no checkpoint of {where.name!r}; "
+                      "press Train to start a new run")
+    placed = {**given, "output_dir": str(run_dir)}
+    if given.get("init_from"):
+        placed["init_from"] = _init_file(given["init_from"])
+    return saved_config(run_dir, where.name).resumed(placed)[0]
+
+
 def resolve(cfg: TrainConfig, *, resume: bool) -> TrainConfig:
     """Validate a request against the host's folders; returns the config with its run folder filled in.
 
@@ -37,9 +55,7 @@ def resolve(cfg: TrainConfig, *, resume: bool) -> TrainConfig:
     if cfg.model:
         raise TIError(f"config model={cfg.model!r} is invalid here: the webui trains on the checkpoint it has "
                       "loaded; leave model empty and pick the checkpoint at the top of the page")
-    root = a1111.output_root()
-    cfg = cfg.replace(output_dir=str(root / _relative("output_dir", cfg.output_dir or cfg.name)),
-                      init_from=_init_file(cfg.init_from))
+    cfg = cfg.replace(output_dir=str(_run_folder(cfg.output_dir or cfg.name)), init_from=_init_file(cfg.init_from))
     if not cfg.data_dir or not Path(cfg.data_dir).is_dir():
         raise TIError(f"config data_dir={cfg.data_dir!r} is invalid: give an existing folder of training images")
     if resume:
@@ -49,6 +65,15 @@ def resolve(cfg: TrainConfig, *, resume: bool) -> TrainConfig:
     elif not cfg.overwrite:
         _refuse_existing(cfg)
     return cfg
+
+
+def _run_folder(value: str) -> Path:
+    """A run folder under the output root: a relative name, or a path already inside the root (a saved run's)."""
+    root = a1111.output_root()
+    path = Path(value)
+    if path.is_absolute() and path.resolve().is_relative_to(root.resolve()) and path.resolve() != root.resolve():
+        return path
+    return root / _relative("output_dir", value)
 
 
 def _relative(field: str, value: str) -> Path:

@@ -96,7 +96,7 @@ def mount(app) -> None:
 
 
 def _prepare(config: dict[str, Any], resume: bool):
-    cfg = runner.resolve(TrainConfig.from_dict(config), resume=resume)
+    cfg = runner.resolve(runner.request_config(config, resume=resume), resume=resume)
     return runner.new_job(cfg), cfg
 
 

@@ -170,6 +170,9 @@ def _resume_clicked(*args):
 def _run(args: tuple, *, resume: bool):
     try:
         cfg, _ = _split(args)
+        if resume:  # the run's own settings; from the form only what may change on resume
+            kept = {f.name: getattr(cfg, f.name) for f in fields(TrainConfig) if f.metadata.get("resume")}
+            cfg = runner.request_config({"name": cfg.name, **kept}, resume=True)
         cfg = runner.resolve(cfg, resume=resume)
         job = runner.new_job(cfg)
     except TIError as exc:
