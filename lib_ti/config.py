@@ -14,13 +14,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import Field, dataclass, fields
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, NoReturn
 
-from .buckets import bucket_sizes, side_limits
+from .buckets import bucket_sizes, check_bucket_sides, check_side, side_limits
 from .errors import TIError
 from .families import ENCODER_KEYS
 from .fileio import write_text
-from .options import option
+from .options import bad, check_types, option
 from .schedule import parse_schedule
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
@@ -141,7 +141,7 @@ class TrainConfig:
     preview_height: int = option(0, "0 = training height", section=SAVING, txt2img="height", resume=True)
 
     def __post_init__(self) -> None:
-        _check_types(self)
+        check_types(self, "config")
         self._check_values()
 
     # ------------------------------------------------------------------ validation
@@ -163,13 +163,9 @@ class TrainConfig:
         _at_least(self, "preview_steps", 1)
         _at_least(self, "keep_tokens", 0)
         for name in ("width", "height"):
-            value = getattr(self, name)
-            if value < 64 or value % 8:
-                _bad(name, value, "use a multiple of 8 of at least 64 (the VAE downsamples by 8)")
+            check_side("config", name, getattr(self, name))
         for name in ("preview_width", "preview_height"):
-            value = getattr(self, name)
-            if value and (value < 64 or value % 8):
-                _bad(name, value, "use 0 (training size) or a multiple of 8 of at least 64")
+            check_side("config", name, getattr(self, name), zero_ok=True)
         if not 0.0 <= self.tag_dropout < 1.0:
             _bad("tag_dropout", self.tag_dropout, "use a probability in [0, 1)")
         if self.weight_decay < 0:
@@ -184,12 +180,7 @@ class TrainConfig:
         parse_schedule(self.clip_value, what="clip value")
 
     def _check_buckets(self) -> None:
-        for name in ("bucket_min_side", "bucket_max_side"):
-            value = getattr(self, name)
-            if value and (value < 64 or value % 64):
-                _bad(name, value, "use 0 (automatic) or a multiple of 64 (the UNet needs latents divisible by 8)")
-        if self.bucket_min_side and self.bucket_max_side and self.bucket_max_side < self.bucket_min_side:
-            _bad("bucket_max_side", self.bucket_max_side, f"use at least bucket_min_side={self.bucket_min_side}")
+        check_bucket_sides("config", self.bucket_min_side, self.bucket_max_side)
         if self.buckets:
             low, high = side_limits(self.width, self.height, self.bucket_min_side, self.bucket_max_side)
             if high < low:
@@ -311,8 +302,8 @@ def _same(f: Field, saved: Any, given: Any) -> bool:
     return saved == given or (saved in ("", None) and given in ("", None))
 
 
-def _bad(name: str, value: Any, fix: str) -> None:
-    raise TIError(f"config {name}={value!r} is invalid: {fix}")
+def _bad(name: str, value: Any, fix: str) -> NoReturn:
+    bad("config", name, value, fix)
 
 
 def _at_least(cfg: TrainConfig, name: str, low: int, at_most: int | None = None) -> None:
@@ -320,28 +311,3 @@ def _at_least(cfg: TrainConfig, name: str, low: int, at_most: int | None = None)
     if value < low or (at_most is not None and value > at_most):
         bound = f"between {low} and {at_most}" if at_most is not None else f"at least {low}"
         _bad(name, value, f"use a whole number {bound}")
-
-
-def _check_types(cfg: TrainConfig) -> None:
-    """Check each field against its annotation; accept ints for floats (YAML writes 5, not 5.0)."""
-    for name, hint in _resolve_hints(type(cfg)).items():
-        value = getattr(cfg, name)
-        if get_origin(hint) is Literal:
-            if value not in get_args(hint):
-                _bad(name, value, f"choose one of {', '.join(map(str, get_args(hint)))}")
-        elif hint is float and isinstance(value, int) and not isinstance(value, bool):
-            setattr(cfg, name, float(value))
-        elif hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-            setattr(cfg, name, str(value))  # "learning_rate: 0.005" in YAML is a float
-        elif get_origin(hint) is list:
-            if not isinstance(value, list):
-                _bad(name, value, "give a list")
-        elif not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-            _bad(name, value, f"expected {hint.__name__}")
-
-
-def _resolve_hints(cls: type) -> dict[str, Any]:
-    import typing
-
-    # Annotations are strings (``from __future__ import annotations``); resolve them once per class.
-    return typing.get_type_hints(cls)

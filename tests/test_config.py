@@ -112,3 +112,24 @@ def test_only_settings_that_do_not_change_a_steps_computation_may_change_on_resu
     assert {"steps", "learning_rate", "save_every", "preview_every", "keep_last"} <= free
     assert not free & {"seed", "data_dir", "template", "width", "height", "num_vectors", "batch_size", "grad_accum",
                        "optimizer", "precision", "crop", "flip", "init_text", "latent_sampling"}
+
+
+def test_list_options_take_lists_of_names_only():
+    """A nested list (or a list of numbers) where names are expected is refused, not passed on to the loop."""
+    with pytest.raises(TIError, match="train_encoders=.*give a list of str"):
+        TrainConfig(train_encoders=[["clip_l"]])  # type: ignore[list-item]
+    with pytest.raises(TIError, match="give a list of str"):
+        TrainConfig(train_encoders=[1])  # type: ignore[list-item]
+
+
+def test_the_training_and_the_dataset_tools_check_sizes_alike(tmp_path):
+    from lib_ti.dataset.prepare import PrepareOptions
+
+    for owner, make in (("config", lambda **kw: TrainConfig(**kw)),
+                        ("prepare", lambda **kw: PrepareOptions(src=str(tmp_path), dst=str(tmp_path / "o"), **kw))):
+        with pytest.raises(TIError, match=f"{owner} width=100 is invalid: use a multiple of 8 of at least 64"):
+            make(width=100)
+        with pytest.raises(TIError, match=f"{owner} bucket_min_side=100 is invalid: use 0 .automatic. or a multiple"):
+            make(bucket_min_side=100)
+        with pytest.raises(TIError, match=f"{owner} height=True is invalid: expected int"):
+            make(height=True)

@@ -29,11 +29,11 @@ from typing import Literal, NoReturn
 
 from PIL import Image, ImageColor, ImageOps
 
-from ..buckets import bucket_sizes, nearest_bucket
-from ..errors import PREFIX, TIError
+from ..buckets import bucket_sizes, check_bucket_sides, check_side, nearest_bucket
+from ..errors import PREFIX
 from ..fileio import atomic_path, write_text
 from ..images import IMAGE_EXTENSIONS, UNREADABLE, ImageItem, discover, open_image, unreadable_reason
-from ..options import option
+from ..options import bad, check_types, option
 from .crops import Box, cover_box, is_oversized, subject_box, tile_boxes
 from .reports import Skipped, skip, skipped_lines
 
@@ -86,16 +86,10 @@ class PrepareOptions:
     caption_extension: str = option(".txt", "caption files copied along with each image", section=MORE)
 
     def __post_init__(self) -> None:
+        check_types(self, "prepare")
         for name in ("width", "height"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 64 or value % 8:
-                _bad(name, value, "use a multiple of 8 of at least 64")
-        if self.crop not in ("center", "subject"):
-            _bad("crop", self.crop, "use center or subject")
-        for name in ("bucket_min_side", "bucket_max_side"):
-            value = getattr(self, name)
-            if value and (value < 64 or value % 64):
-                _bad(name, value, "use 0 (automatic) or a multiple of 64")
+            check_side("prepare", name, getattr(self, name))
+        check_bucket_sides("prepare", self.bucket_min_side, self.bucket_max_side)
         if not 0 <= self.split_threshold <= 100:
             _bad("split_threshold", self.split_threshold, "use a number from 0 (split anything not of the target "
                  "aspect) up to 100; 0.5 is the webui's default")
@@ -292,4 +286,4 @@ def output_stems(paths: list[Path]) -> dict[Path, str]:
 
 
 def _bad(name: str, value: object, fix: str) -> NoReturn:
-    raise TIError(f"prepare {name}={value!r} is invalid: {fix}")
+    bad("prepare", name, value, fix)
