@@ -203,3 +203,20 @@ def test_bench_quality_compares_trainer_settings_but_keeps_its_own(tmp_path):
     write_concept_images(QualityConfig(num_images=3), tmp_path / "images")
     captions = sorted(p.read_text().strip() for p in (tmp_path / "images").glob("*.txt"))
     assert len(captions) == 3 and all(c.startswith("a ") and " [name] on a " in c for c in captions), captions
+
+
+@pytest.mark.slow
+def test_writing_the_shipped_model_again_reproduces_its_files_byte_for_byte(tmp_path):
+    """The single-file converter (formats.model_files) writes exactly what ships: same tensors, same yaml."""
+    from diffusers import StableDiffusionPipeline
+
+    from lib_ti.micro import assets
+    from lib_ti.micro.model import NAME, save_model
+
+    shipped = assets.ASSETS
+    pipe = StableDiffusionPipeline.from_pretrained(assets.model_folder(), local_files_only=True,
+                                                   safety_checker=None, requires_safety_checker=False)
+    written = save_model(pipe, tmp_path, clip_root="extensions/sd-webui-ti-trainer/lib_ti/assets/micro-sd")
+    assert written["single_file"].read_bytes() == (shipped / f"{NAME}.safetensors").read_bytes()
+    assert written["yaml"].read_text() == (shipped / f"{NAME}.yaml").read_text()
+    assert not (tmp_path / f"{NAME}.clip_l").exists()  # the yaml names the diffusers folder's tokenizer instead
