@@ -26,7 +26,7 @@ import torch
 from ..config import TrainConfig
 from ..dataset.blip import load_blip
 from ..dataset.caption import per_image
-from ..engine import PreviewRequest, frozen_modules
+from ..engine import PreviewRequest, frozen_modules, max_row_norm
 from ..errors import TIError
 from ..families import FAMILIES
 from ..fileio import atomic_path, load_torch
@@ -56,6 +56,7 @@ class WebuiEngine:
         with torch.no_grad():
             self.encoder_widths = {k: int(e.encode_embedding_init_text(",", 1).shape[1])
                                    for k, e in self.embedders.items()}
+            self.token_norms = {k: max_row_norm(_token_table(e)) for k, e in self.embedders.items()}
         self.alphas_cumprod = sd_model.alphas_cumprod.detach().float().to(self.device)
         info = getattr(sd_model, "sd_checkpoint_info", None)
         self.checkpoint_name = getattr(info, "name_for_extra", "") or ""
@@ -195,6 +196,26 @@ class WebuiEngine:
             sd_hijack.model_hijack.embedding_db.register_embedding(live, self.model)
             self.live = live
         return self.live
+
+
+# Where the host's embedders keep their token-embedding layer: CLIP (SD1, SDXL's clip_l), OpenCLIP (SD2,
+# SDXL's clip_g), XLM-R (Alt Diffusion). The host's hijack wraps the layer; its own is ``.wrapped``.
+_TOKEN_LAYERS = ("transformer.text_model.embeddings.token_embedding", "model.token_embedding",
+                 "roberta.embeddings.token_embedding")
+_SAMPLE_TEXT = "a photo of the person cat dog house city art painting red blue green"
+
+
+def _token_table(embedder) -> torch.Tensor:
+    """The token-embedding weight of a host text embedder; for one laid out otherwise, the embeddings of a
+    sample of common words (what its own ``encode_embedding_init_text`` gives), a smaller sample of the table."""
+    for path in _TOKEN_LAYERS:
+        layer = getattr(embedder, "wrapped", None)
+        for attr in path.split("."):
+            layer = getattr(layer, attr, None)
+        weight = getattr(getattr(layer, "wrapped", layer), "weight", None)
+        if isinstance(weight, torch.Tensor):
+            return weight
+    return embedder.encode_embedding_init_text(_SAMPLE_TEXT, 75)
 
 
 def _text_embedders(sd_model) -> list:
