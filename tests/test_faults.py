@@ -449,3 +449,10 @@ def test_the_sweep_removes_only_what_interrupted_runs_of_this_name_left(tmp_path
             path.write_bytes(b"")
     assert sorted(sweep(run, "tok")) == sorted(stale)
     assert all(p.exists() for p in kept) and not any(p.exists() for p in stale)
+
+
+def test_check_reports_an_output_folder_below_a_file(world, capsys):
+    (world.root / "afile").write_text("x")
+    code, out, _ = cli(capsys, ["check", "--data", world.data, "--name", "tok", "--width", "64", "--height", "64",
+                                "--output-dir", world.root / "afile" / "run"])
+    assert code == 1 and "problem: config output_dir=" in out and "is a file, so no folder can be made" in out
