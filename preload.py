@@ -9,3 +9,10 @@ def preload(parser) -> None:
         help="sd-webui-ti-trainer: folder for training runs (checkpoints, previews, loss logs); "
         "default: textual_inversion/ti-trainer inside the webui's data folder",
     )
+    parser.add_argument(
+        "--ti-trainer-allowed-roots",
+        type=str,
+        default=None,
+        help="sd-webui-ti-trainer: extra folders that API requests may read datasets, templates and embeddings from "
+        "(besides the webui's data folder), separated like PATH",
+    )

@@ -20,21 +20,25 @@ STEP = 64  # 8 latent pixels: every UNet (SD1/SD2/SDXL) halves its input up to 3
 Size = tuple[int, int]  # (width, height)
 
 
+MAX_SIDE = 4096  # pixels: twice SDXL's largest training size; more would exhaust memory after the model loads
+
+
 def check_side(owner: str, name: str, value: int, *, zero_ok: bool = False) -> None:
-    """A training or output side: a multiple of 8 (the VAE downsamples by 8) of at least 64; 0 if ``zero_ok``."""
+    """A training or output side: a multiple of 8 (the VAE downsamples by 8) from 64 to ``MAX_SIDE``; 0 if
+    ``zero_ok``."""
     if zero_ok and value == 0:
         return
-    if value < 64 or value % 8:
+    if value < 64 or value > MAX_SIDE or value % 8:
         bad(owner, name, value, ("use 0 (the training size) or " if zero_ok else "use ")
-            + "a multiple of 8 of at least 64 (the VAE downsamples by 8)")
+            + f"a multiple of 8 from 64 to {MAX_SIDE} (the VAE downsamples by 8)")
 
 
 def check_bucket_sides(owner: str, min_side: int, max_side: int) -> None:
     """Bucket side limits: 0 (automatic) or multiples of 64, the longest at least the shortest."""
     for name, value in (("bucket_min_side", min_side), ("bucket_max_side", max_side)):
-        if value and (value < STEP or value % STEP):
-            bad(owner, name, value, f"use 0 (automatic) or a multiple of {STEP} (the UNet needs latents divisible "
-                "by 8)")
+        if value and (value < STEP or value > 2 * MAX_SIDE or value % STEP):
+            bad(owner, name, value, f"use 0 (automatic) or a multiple of {STEP} up to {2 * MAX_SIDE} (the UNet needs "
+                "latents divisible by 8)")
     if min_side and max_side and max_side < min_side:
         bad(owner, "bucket_max_side", max_side, f"use at least bucket_min_side={min_side}")
 

@@ -3,11 +3,16 @@
 ``checkpoints/<name>-<step>.<ext>`` is an ordinary embedding file; ``<name>-<step>.state.pt`` beside
 it holds the optimizer and scaler state, every vector (trained or not) and the config. Resume needs
 nothing else, because the data order, noise and timesteps are pure functions of (seed, step).
+
+A checkpoint exists when its state file does: the embedding is written first and the state last,
+and deleted the other way round, so a crash in between leaves at most an orphan embedding, which
+``remove_orphans`` sweeps at the next start of the run.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,8 +21,8 @@ import torch
 
 from .config import TrainConfig
 from .embedding import Embedding
-from .errors import TIError
-from .fileio import atomic_path, load_torch
+from .errors import TIError, shown
+from .fileio import fault_point, load_torch, save_torch
 from .formats.embeddings import save_embedding
 
 STATE_VERSION = 1
@@ -42,13 +47,17 @@ def checkpoint_path(run_dir: Path, name: str, step: int, fmt: str) -> Path:
     return checkpoint_dir(run_dir) / f"{name}-{step}.{fmt}"
 
 
+def state_path(run_dir: Path, name: str, step: int) -> Path:
+    return checkpoint_dir(run_dir) / f"{name}-{step}.state.pt"
+
+
 def save_checkpoint(run_dir: Path, emb: Embedding, state: TrainingState, fmt: str, keep_last: int) -> Path:
     """Write the embedding and its state atomically, then prune old checkpoints. Returns the embedding path."""
     emb_path = save_embedding(emb, checkpoint_path(run_dir, emb.name, state.step, fmt), overwrite=True)
+    fault_point(f"checkpoint {emb.name}-{state.step}")
     payload = {"version": STATE_VERSION, "step": state.step, "vectors": state.vectors, "optimizer": state.optimizer,
                "scaler": state.scaler, "config": state.config, "pending_losses": state.pending_losses}
-    with atomic_path(emb_path.with_name(f"{emb.name}-{state.step}.state.pt")) as tmp:
-        torch.save(payload, tmp)
+    save_torch(payload, state_path(run_dir, emb.name, state.step))
     if keep_last:
         _prune(checkpoint_dir(run_dir), emb.name, keep_last)
     return emb_path
@@ -56,12 +65,12 @@ def save_checkpoint(run_dir: Path, emb: Embedding, state: TrainingState, fmt: st
 
 def list_states(run_dir: Path, name: str) -> list[tuple[int, Path]]:
     """(step, state path) pairs of ``name``'s checkpoints, oldest first."""
-    pattern = re.compile(rf"^{re.escape(name)}-(\d+)\.state\.pt$")
+    pattern = re.compile(rf"{re.escape(name)}-(\d+)\.state\.pt")
     found = []
     folder = checkpoint_dir(run_dir)
     if folder.is_dir():
         for path in folder.iterdir():
-            match = pattern.match(path.name)
+            match = pattern.fullmatch(path.name)
             if match:
                 found.append((int(match.group(1)), path))
     return sorted(found)
@@ -74,7 +83,15 @@ def load_latest(run_dir: Path, name: str) -> TrainingState:
             f"nothing to resume: {str(checkpoint_dir(run_dir))!r} has no checkpoint of {name!r}; "
             "start without --resume, or point --output-dir at the run folder"
         )
-    return load_state(states[-1][1])
+    step, path = states[-1]
+    try:
+        return load_state(path)
+    except TIError as exc:
+        if len(states) < 2:
+            raise TIError(f"{exc}. It is the run's only checkpoint: start the run again (allow overwrite)") from None
+        earlier = states[-2][0]
+        raise TIError(f"{exc}. To resume from the previous checkpoint (step {earlier}) instead, move "
+                      f"{name}-{step}.* out of {str(checkpoint_dir(run_dir))!r}, then resume again") from None
 
 
 def saved_config(run_dir: Path, name: str) -> TrainConfig:
@@ -82,21 +99,49 @@ def saved_config(run_dir: Path, name: str) -> TrainConfig:
     return TrainConfig.from_dict(load_latest(run_dir, name).config)
 
 
+_STATE_KEYS = ("step", "vectors", "optimizer", "scaler", "config", "pending_losses")
+
+
 def load_state(path: Path) -> TrainingState:
+    unreadable = (f"checkpoint state {str(path)!r} cannot be read: it is damaged or was not written by this "
+                  "trainer (it is only ever loaded as tensors and plain values, never as code)")
     try:
-        data = load_torch(path)  # never run pickled code
-    except Exception as exc:
-        raise TIError(f"checkpoint state {str(path)!r} cannot be read ({exc}); resume from an earlier one") from exc
+        with warnings.catch_warnings():  # torch warns about pickles it may not read: the message below says it
+            warnings.simplefilter("ignore")
+            data = load_torch(path)
+    except Exception:  # torch's own text would advise loading it as code (weights_only=False): never do that
+        raise TIError(unreadable) from None
+    if not isinstance(data, dict) or any(key not in data for key in _STATE_KEYS):
+        raise TIError(unreadable)
     if data.get("version") != STATE_VERSION:
-        raise TIError(f"checkpoint state {str(path)!r} has version {data.get('version')}, expected {STATE_VERSION}")
-    return TrainingState(data["step"], data["vectors"], data["optimizer"], data["scaler"], data["config"],
-                         data["pending_losses"])
+        raise TIError(f"checkpoint state {str(path)!r} has version {shown(data.get('version'))}, expected "
+                      f"{STATE_VERSION}")
+    return TrainingState(*(data[key] for key in _STATE_KEYS))
 
 
 def remove_checkpoint(run_dir: Path, name: str, step: int) -> None:
-    """Delete the embedding and state files of one checkpoint."""
+    """Delete one checkpoint: its state first (it is then no checkpoint any more), its embedding after."""
+    state_path(run_dir, name, step).unlink(missing_ok=True)
+    fault_point(f"prune {name}-{step}")
     for path in checkpoint_dir(run_dir).glob(f"{name}-{step}.*"):
         path.unlink(missing_ok=True)
+
+
+def remove_orphans(run_dir: Path, name: str) -> list[Path]:
+    """Delete checkpoint embeddings of ``name`` that have no state file: what a crash between writing (or
+    deleting) the two files leaves. Call it only while holding the run folder's lock."""
+    folder = checkpoint_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    steps = {step for step, _ in list_states(run_dir, name)}
+    pattern = re.compile(rf"{re.escape(name)}-(\d+)\.(safetensors|pt)")
+    removed = []
+    for path in folder.iterdir():
+        match = pattern.fullmatch(path.name)
+        if match and int(match.group(1)) not in steps and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def _prune(folder: Path, name: str, keep_last: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import Field, dataclass, fields
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, NoReturn
 
 from .buckets import bucket_sizes, check_bucket_sides, check_side, side_limits
-from .errors import TIError
+from .errors import TIError, shown
 from .families import ENCODER_KEYS
 from .fileio import write_text
 from .options import bad, check_types, option
@@ -30,8 +31,21 @@ LatentSampling = Literal["random", "deterministic", "once"]
 Optimizer = Literal["adamw", "prodigy"]
 SaveFormat = Literal["safetensors", "pt"]
 
-# Prompt names match as text in prompts: keep them to characters every host and file system accepts.
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\- ]{0,63}$")
+# Prompt names match as text in prompts: keep them to characters every host and file system accepts
+# (matched whole: "$" would let a final newline through), and never a name Windows reserves for a device
+# ("con", "nul.txt", ...: most webui users are on Windows, where such a file cannot be made).
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\- ]{0,63}")
+WINDOWS_RESERVED = frozenset({"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)),
+                              *(f"lpt{i}" for i in range(1, 10))})
+
+# Limits no real run reaches, so that a typo cannot exhaust memory or time after the model has loaded.
+MAX_TEXT = 10_000  # characters of any text option (prompts, paths, schedules)
+MAX_REPEATS = 10_000
+MAX_BATCH = 1024  # batch_size, and grad_accum
+MAX_RANDOM_CROPS = 100
+MAX_PREVIEW_STEPS = 1000
+MAX_SEED = 2**63 - 1  # torch generators take 64 bits
+MAX_CONFIG_FILE = 1024 * 1024  # bytes of a --config file
 
 
 # Sections group the fields in the webui tab: basics on top, the others folded.
@@ -146,21 +160,24 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ validation
     def _check_values(self) -> None:
-        if not NAME_PATTERN.match(self.name):
-            _bad(
-                "name", self.name, "use 1-64 letters, digits, '_', '-', '.' or spaces, starting with a letter or digit"
-            )
+        self._check_name()
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, str) and len(value) > MAX_TEXT:
+                _bad(f.name, value, f"it is {len(value)} characters long; use at most {MAX_TEXT}")
         _at_least(self, "num_vectors", 1, at_most=75)
         _at_least(self, "steps", 1)
-        _at_least(self, "batch_size", 1)
-        _at_least(self, "grad_accum", 1)
-        _at_least(self, "random_crops", 1)
-        _at_least(self, "repeats", 1)
+        _at_least(self, "batch_size", 1, at_most=MAX_BATCH)
+        _at_least(self, "grad_accum", 1, at_most=MAX_BATCH)
+        _at_least(self, "random_crops", 1, at_most=MAX_RANDOM_CROPS)
+        _at_least(self, "repeats", 1, at_most=MAX_REPEATS)
+        _at_least(self, "seed", 0, at_most=MAX_SEED)
+        _at_least(self, "preview_seed", -1, at_most=MAX_SEED)
         _at_least(self, "save_every", 0)
         _at_least(self, "keep_last", 0)
         _at_least(self, "log_every", 1)
         _at_least(self, "preview_every", 0)
-        _at_least(self, "preview_steps", 1)
+        _at_least(self, "preview_steps", 1, at_most=MAX_PREVIEW_STEPS)
         _at_least(self, "keep_tokens", 0)
         for name in ("width", "height"):
             check_side("config", name, getattr(self, name))
@@ -178,6 +195,14 @@ class TrainConfig:
         self._check_buckets()
         parse_schedule(self.learning_rate, what="learning rate")
         parse_schedule(self.clip_value, what="clip value")
+
+    def _check_name(self) -> None:
+        if not NAME_PATTERN.fullmatch(self.name):
+            _bad("name", self.name, "use 1-64 letters, digits, '_', '-', '.' or spaces, starting with a letter or "
+                 "digit")
+        if self.name.split(".")[0].strip().lower() in WINDOWS_RESERVED:
+            _bad("name", self.name, "Windows reserves it for a device (con, prn, aux, nul, com1-9, lpt1-9, also "
+                 "before a dot), so no file can have it; choose another name")
 
     def _check_buckets(self) -> None:
         check_bucket_sides("config", self.bucket_min_side, self.bucket_max_side)
@@ -221,7 +246,7 @@ class TrainConfig:
         refused: list[str] = []
         for name, value in given.items():
             if name not in known:
-                raise TIError(f"unknown config key {name!r}; valid keys are: {', '.join(sorted(known))}")
+                raise TIError(f"unknown config key {shown(name)}; valid keys are: {', '.join(sorted(known))}")
             if _same(known[name], getattr(self, name), value):
                 continue
             if known[name].metadata.get("resume"):
@@ -229,20 +254,20 @@ class TrainConfig:
             else:
                 refused.append(name)
         if refused:
-            diffs = "; ".join(f"{n}: run {getattr(self, n)!r}, given {given[n]!r}" for n in refused)
+            diffs = "; ".join(f"{n}: run {shown(getattr(self, n))}, given {shown(given[n])}" for n in refused)
             free = ", ".join(f.name for f in fields(self) if f.metadata.get("resume"))
             raise TIError(f"resume continues the run with its own settings, and these differ from it: {diffs}. "
                           f"Leave them as the run has them (only {free} may change), or start a new run "
                           "(another name or output folder) to train with other settings")
         cfg = self.replace(**changed) if changed else self
-        return cfg, [f"{n}: {getattr(self, n)!r} -> {v!r}" for n, v in changed.items()]
+        return cfg, [f"{n}: {shown(getattr(self, n))} -> {shown(v)}" for n, v in changed.items()]
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(map(str, set(data) - known))
         if unknown:
-            raise TIError(f"unknown config key(s) {unknown}; valid keys are: {', '.join(sorted(known))}")
+            raise TIError(f"unknown config key(s) {shown(unknown)}; valid keys are: {', '.join(sorted(known))}")
         return cls(**data)
 
     def save(self, path: str | Path) -> None:
@@ -265,18 +290,21 @@ class TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise TIError(f"config file {str(path)!r} does not exist")
-        text = path.read_text(encoding="utf-8")
+        kind = "YAML" if path.suffix in (".yaml", ".yml") else "JSON"
+        if path.stat().st_size > MAX_CONFIG_FILE:
+            raise TIError(f"config file {str(path)!r} is {path.stat().st_size} bytes, too large for a config "
+                          f"(at most {MAX_CONFIG_FILE}); is it the right file?")
         try:
-            if path.suffix in (".yaml", ".yml"):
+            text = path.read_text(encoding="utf-8")
+            if kind == "YAML":
                 import yaml
 
                 data = yaml.safe_load(text) or {}
             else:
                 data = json.loads(text)
-        except Exception as exc:  # yaml and json raise different types; both mean "unreadable"
-            raise TIError(
-                f"config file {str(path)!r} is not valid {path.suffix[1:].upper() or 'JSON'}: {exc}"
-            ) from None
+        except Exception as exc:  # every way of being unreadable; the message never quotes the file
+            raise TIError(f"config file {str(path)!r} is not valid {kind}{_where(exc)}: fix it there, or give "
+                          f"another file") from None
         if not isinstance(data, dict):
             raise TIError(f"config file {str(path)!r} must hold a mapping of keys to values")
         return data
@@ -292,9 +320,37 @@ def check_paths(cfg: TrainConfig, *, need_model: bool = True) -> None:
         _bad("data_dir", cfg.data_dir, "give an existing folder of training images")
     if cfg.init_from and not Path(cfg.init_from).is_file():
         _bad("init_from", cfg.init_from, "give an existing embedding file, or leave it empty to start from init_text")
+    check_output_dir(cfg)
+
+
+def check_output_dir(cfg: TrainConfig) -> None:
+    """The run folder can be made and written: it is no file, and lies below no file."""
+    path = cfg.run_dir
+    if path.exists() and not path.is_dir():
+        _bad("output_dir", str(path), "it is a file; give a folder (it is created when missing)")
+    existing = next((p for p in [path, *path.parents] if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        _bad("output_dir", str(path), f"{str(existing)!r} is a file, so no folder can be made inside it; give "
+             "another folder")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        _bad("output_dir", str(path), f"this process may not write in {str(existing)!r}; give another folder")
 
 
 # ---------------------------------------------------------------------- helpers
+def _where(exc: Exception) -> str:
+    """Where a YAML/JSON/UTF-8 error is, without the text there: " (line 3, column 7)"."""
+    mark = getattr(exc, "problem_mark", None)  # yaml
+    if mark is not None:
+        return f" (line {mark.line + 1}, column {mark.column + 1})"
+    if isinstance(exc, json.JSONDecodeError):
+        return f" (line {exc.lineno}, column {exc.colno})"
+    if isinstance(exc, UnicodeDecodeError):
+        return f" (not UTF-8 text at byte {exc.start})"
+    if isinstance(exc, OSError):
+        return f" ({exc.strerror or type(exc).__name__})"
+    return ""
+
+
 def _same(f: Field, saved: Any, given: Any) -> bool:
     """Equal as the run would use them: paths by where they point, numbers by value, "" and None alike."""
     if f.metadata.get("path") and saved and given:

@@ -7,6 +7,7 @@ webui adapter in ``hosts/``. The loop never touches a model object directly.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
@@ -27,6 +28,7 @@ class Engine(Protocol):
     alphas_cumprod: torch.Tensor  # float32 [num_train_timesteps] on device
     checkpoint_name: str  # shown in saved files: where the vectors were trained
     checkpoint_hash: str
+    token_norms: dict[str, float]  # per encoder, the largest norm of a token embedding: the scale vectors live at
 
     def init_vectors(self, init_text: str, num_vectors: int) -> dict[str, torch.Tensor]:
         """float32 CPU vectors [num_vectors, width] per encoder, spread from init_text's tokens."""
@@ -53,12 +55,36 @@ class Engine(Protocol):
 
 
 TRAINER = "sd-webui-ti-trainer"  # written into every embedding file's metadata
+# A vector this many times longer than the encoder's longest token embedding is taken as diverged: diverged
+# runs reach 1e24 and more, while trained embeddings stay within a few times that length (the demo's
+# 500-step embedding on the micro model: 2.0 times).
+MAX_NORM_FACTOR = 1000.0
 
 
 def embedding_of(engine: Engine, name: str, vectors: dict[str, torch.Tensor], step: int) -> Embedding:
     """A float32 CPU copy of ``vectors`` as an embedding file's content: the step and the checkpoint trained on."""
     return Embedding(name, vectors, step, engine.checkpoint_hash or None, engine.checkpoint_name or None,
                      {"trainer": TRAINER}).detached()
+
+
+def max_row_norm(table: torch.Tensor) -> float:
+    """The largest row norm of a token-embedding table, in float32 (in slices: fp16 tables of SDXL are large)."""
+    rows = table.detach()
+    return max(float(rows[i:i + 8192].float().norm(dim=1).max()) for i in range(0, rows.shape[0], 8192))
+
+
+def vector_problem(vectors: dict[str, torch.Tensor], token_norms: dict[str, float]) -> str | None:
+    """Why ``vectors`` must not be saved or trained from, or None: a value that is not finite, or a vector far
+    longer than any token embedding of its encoder (``MAX_NORM_FACTOR`` times), which only divergence gives."""
+    for key, vec in vectors.items():
+        norms = vec.detach().double().norm(dim=1)  # float64: a diverged vector's norm may overflow float32
+        if not bool(torch.isfinite(vec.detach()).all()):
+            return f"the {key} vectors hold NaN or infinite values"
+        limit = MAX_NORM_FACTOR * token_norms.get(key, math.inf)
+        if float(norms.max()) > limit:
+            return (f"a {key} vector has norm {float(norms.max()):.3g}, more than {MAX_NORM_FACTOR:g} times the "
+                    f"longest token embedding of the model ({token_norms[key]:.3g})")
+    return None
 
 
 @contextlib.contextmanager

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import reprlib
+
 PREFIX = "[TI Trainer]"
 
 
@@ -15,6 +17,10 @@ class TIError(ValueError):
         super().__init__(message if message.startswith(PREFIX) else f"{PREFIX} {message}")
 
 
+class WriteError(TIError):
+    """A file could not be written (disk full, file-size limit, permissions): the message names the file."""
+
+
 def warn(message: str) -> None:
     """Print a non-fatal warning with the project prefix (to stderr, flushed)."""
     say(f"warning: {message}")
@@ -25,3 +31,15 @@ def say(message: str) -> None:
     import sys
 
     print(f"{PREFIX} {message}", file=sys.stderr, flush=True)
+
+
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxdict, _SHOWN.maxstring, _SHOWN.maxother = 2, 4, 4, 80, 80
+_SHOWN.maxlong = 40
+SHOWN_MAX = 160  # characters
+
+
+def shown(value: object) -> str:
+    """``repr(value)`` cut short: a message never grows with its value (a 10 MB string, a YAML alias bomb)."""
+    text = _SHOWN.repr(value)
+    return text if len(text) <= SHOWN_MAX else text[:SHOWN_MAX - 3] + "..."

@@ -16,13 +16,14 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from .buckets import nearest_bucket
 from .errors import TIError, warn
+from .templates import MAX_LINE
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: listing and checking files must stay quick
     import torch
@@ -30,6 +31,7 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: listing and check
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CROP_MODES = ("center", "random", "squash")
 METADATA_FILE = "metadata.jsonl"
+MAX_METADATA_FILE = 64 * 1024 * 1024  # bytes: a caption line per image, for far more images than any dataset
 
 _LANCZOS = getattr(Image, "Resampling", Image).LANCZOS
 _BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white
@@ -135,23 +137,42 @@ def _is_image_name(path: Path) -> bool:
 
 def _read_sidecar(image: Path, ext: str) -> str | None:
     path = image.with_suffix(ext)
-    return _read_caption_file(path) if path.is_file() else None
+    return read_caption_file(path) if path.is_file() else None
 
 
-def _read_caption_file(path: Path) -> str:
+def read_caption_file(path: Path) -> str:
+    """A caption file's text, stripped. Errors never quote the file (a webui request may name the folder)."""
     try:
-        return path.read_text(encoding="utf-8-sig").strip()
+        if path.stat().st_size > 4 * MAX_LINE:  # UTF-8 takes at most 4 bytes a character: too long unread
+            _too_long(f"caption file {str(path)!r}", path.stat().st_size, "bytes")
+        text = path.read_text(encoding="utf-8-sig").strip()
     except UnicodeDecodeError as e:
-        raise TIError(f"caption file {str(path)!r} is not UTF-8 text ({e}); save it as UTF-8") from e
+        raise TIError(f"caption file {str(path)!r} is not UTF-8 text (at byte {e.start}); save it as UTF-8") from None
     except OSError as e:
-        raise TIError(f"cannot read caption file {str(path)!r}: {e}") from e
+        raise TIError(f"cannot read caption file {str(path)!r} ({e.strerror or type(e).__name__})") from None
+    if len(text) > MAX_LINE:
+        _too_long(f"caption file {str(path)!r}", len(text), "characters")
+    return text
+
+
+def _too_long(what: str, size: int, unit: str) -> NoReturn:
+    raise TIError(f"{what} is {size} {unit} long: a caption is one prompt, at most {MAX_LINE} characters (every "
+                  "training step reads it); shorten it")
 
 
 def _read_metadata(path: Path) -> dict[Path, str | None]:
     """``{image path: caption or None}`` from a metadata.jsonl, skipping entries whose file is absent."""
     captions: dict[Path, str | None] = {}
-    with open(path, encoding="utf-8-sig") as f:
-        for number, line in enumerate(f, start=1):
+    if path.stat().st_size > MAX_METADATA_FILE:
+        raise TIError(f"{str(path)!r} is {path.stat().st_size} bytes, more than {MAX_METADATA_FILE} (one caption line "
+                      "per image); is it the right file?")
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise TIError(f"{str(path)!r} line {number} is not UTF-8 text (at byte {e.start} of the line); save "
+                              "the file as UTF-8") from None
             if line.strip():
                 image, caption = _parse_metadata_line(path, number, line)
                 captions.update(_existing_image(path, number, image, caption))
@@ -159,21 +180,24 @@ def _read_metadata(path: Path) -> dict[Path, str | None]:
 
 
 def _parse_metadata_line(path: Path, number: int, line: str) -> tuple[Path, str | None]:
+    # Errors name the line, never quote it: a webui request may name a folder whose files it cannot read.
     where = f"{str(path)!r} line {number}"
     try:
         entry = json.loads(line)
     except json.JSONDecodeError as e:
-        raise TIError(f"{where} is not valid JSON ({e.msg}); each line must be like "
-                      '{"file_name": "a.png", "text": "a caption"}') from e
+        raise TIError(f"{where} is not valid JSON ({e.msg} at column {e.colno}); each line must be like "
+                      '{"file_name": "a.png", "text": "a caption"}') from None
     if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str):
         raise TIError(f'{where} has no "file_name" string; each line must be like '
                       '{"file_name": "a.png", "text": "a caption"}')
     text = entry.get("text", entry.get("caption"))
     if text is not None and not isinstance(text, str):
-        raise TIError(f'{where}: "text" must be a string, got {text!r}')
+        raise TIError(f'{where}: "text" must be a string, not {type(text).__name__}')
+    if text is not None and len(text) > MAX_LINE:
+        _too_long(f"the caption on {where}", len(text), "characters")
     image = Path(os.path.normpath(path.parent / entry["file_name"]))
     if os.path.relpath(image, path.parent).startswith(".."):
-        raise TIError(f'{where}: file_name {entry["file_name"]!r} points outside the dataset folder')
+        raise TIError(f'{where}: its file_name points outside the dataset folder; name a file inside it')
     return image, text.strip() if text is not None else None
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import TIError
-from .fileio import atomic_path, load_torch
+from .errors import TIError, warn
+from .fileio import load_torch, save_torch
 
 ENCODE_BATCH = 4  # images per VAE call while caching: bounded memory, still batched
 
@@ -45,15 +45,14 @@ class LatentCache:
     def build(cls, engine, samples: Sequence, cfg, run_dir: Path) -> LatentCache:
         members = _members_by_size(samples)
         disk = Path(run_dir) / f"latents-{_cache_key(engine, samples, cfg)}.pt" if cfg.cache_latents_to_disk else None
-        if disk is not None and disk.is_file():
-            data = load_torch(disk)
-            means, stds = _as_list(data["mean"]), _as_list(data["std"])
+        cached = _read_cache(disk, members) if disk is not None and disk.is_file() else None
+        if cached is not None:
+            means, stds = cached
         else:
             encoded = [_encode_all(engine, [samples[i] for i in rows]) for rows in members]
             means, stds = [m for m, _ in encoded], [s for _, s in encoded]
             if disk is not None:
-                with atomic_path(disk) as tmp:
-                    torch.save({"mean": means, "std": stds}, tmp)
+                save_torch({"mean": means, "std": stds}, disk)
         device = engine.device
         groups = []
         for rows, mean, std in zip(members, means, stds, strict=True):
@@ -87,6 +86,19 @@ def _members_by_size(samples: Sequence) -> list[list[int]]:
     for i, s in enumerate(samples):
         by_size.setdefault(tuple(s.pixels.shape[-2:]), []).append(i)
     return list(by_size.values())
+
+
+def _read_cache(path: Path, members: list[list[int]]) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+    """The cached latents, or None (and a warning) when the file is damaged: they are encoded again."""
+    try:
+        data = load_torch(path)
+        means, stds = _as_list(data["mean"]), _as_list(data["std"])
+        if [len(m) for m in means] != [len(rows) for rows in members] or len(stds) != len(means):
+            raise ValueError("sizes differ")
+    except Exception:  # any way of being damaged; never loaded as code (weights_only)
+        warn(f"latent cache {str(path)!r} cannot be read (damaged?): encoding the images again")
+        return None
+    return means, stds
 
 
 def _as_list(value) -> list[torch.Tensor]:

@@ -47,8 +47,8 @@ class LossLog:
     def _read(self) -> list[list[str]]:
         if not self.path.is_file():
             return []
-        rows = list(csv.reader(self.path.read_text(encoding="utf-8").splitlines()))
-        return [r for r in rows[1:] if r and r[0].isdigit()]
+        rows = list(csv.reader(self.path.read_text(encoding="utf-8", errors="replace").splitlines()))
+        return [r for r in rows[1:] if len(r) == len(HEADER) and r[0].isdigit() and _is_number(r[1])]
 
     def _write(self) -> None:
         # Rewritten whole and atomically: a crash never leaves a torn row, and the file is small.
@@ -57,3 +57,11 @@ class LossLog:
         writer.writerow(HEADER)
         writer.writerows(self.rows)
         write_text(self.path, buf.getvalue())
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import Field, field
 from typing import Any, Literal, NoReturn
 
-from .errors import TIError
+from .errors import TIError, shown
 
 
 def option(default: Any = None, help: str = "", *, factory: Callable[[], Any] | None = None, label: str = "",
@@ -34,8 +34,11 @@ def field_label(f: Field) -> str:
 
 
 def bad(owner: str, name: str, value: Any, fix: str) -> NoReturn:
-    """The one message for a bad option: ``config width=100 is invalid: use a multiple of 8 ...``."""
-    raise TIError(f"{owner} {name}={value!r} is invalid: {fix}")
+    """The one message for a bad option: ``config width=100 is invalid: use a multiple of 8 ...``.
+
+    The value is shown cut short (``errors.shown``): a huge or deeply nested value never floods the message.
+    """
+    raise TIError(f"{owner} {name}={shown(value)} is invalid: {fix}")
 
 
 def check_types(obj: Any, owner: str) -> None:

@@ -5,8 +5,8 @@ are done". A bare ``value`` or ``value:-1`` means "until the end" and must come 
 
 Decisions (the webui's own parser is lenient and silent; we are strict and explicit):
 
-* Malformed pieces (``0.05:abc``), values <= 0, step 0 or other negative steps, and steps
-  that do not increase are errors naming the piece.
+* Malformed pieces (``0.05:abc``), empty pieces (``0.05:10,,``), values <= 0, step 0 or other
+  negative steps, and steps that do not increase are errors naming the piece.
 * A schedule whose last piece ends before ``max_steps`` ends training there, as in the
   webui, but never silently: ``Schedule.end_step`` is what the trainer plans for, and
   ``describe_end`` gives the sentence the trainer reports up front.
@@ -64,9 +64,12 @@ class Schedule:
 def parse_schedule(text: str, *, what: str = "learning rate") -> Schedule:
     """Parse ``text``; raise TIError naming the bad piece and the expected form."""
     pieces: list[Piece] = []
-    raw_pieces = [p.strip() for p in str(text).split(",") if p.strip()]
-    if not raw_pieces:
+    raw_pieces = [p.strip() for p in str(text).split(",")]
+    if not any(raw_pieces):
         raise TIError(f"{what} schedule is empty: write a value such as '0.005' or '0.05:10, 0.005:200'")
+    if not all(raw_pieces):  # "0.05:10,," is a typo, not a schedule: silently dropping pieces hides it
+        raise TIError(f"{what} schedule {text!r} has an empty piece (piece {raw_pieces.index('') + 1}); remove the "
+                      "extra comma, or write the missing 'value:step'")
     for raw in raw_pieces:
         if pieces and math.isinf(pieces[-1].end):
             raise TIError(

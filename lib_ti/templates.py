@@ -19,6 +19,9 @@ from pathlib import Path
 
 from .errors import TIError, warn
 
+MAX_TEMPLATE_FILE = 1024 * 1024  # bytes: far more than any set of prompt lines
+MAX_LINE = 10_000  # characters of one template line or caption: far more than any prompt
+
 NAME = "[name]"
 NAME_BRACES = "{}"
 FILEWORDS = "[filewords]"
@@ -97,19 +100,41 @@ def load_templates(spec: str) -> list[str]:
     )
 
 
+def is_builtin_template(spec: str) -> bool:
+    """Whether ``load_templates(spec)`` gives a built-in set, reading no file (the webui's "subject.txt" names
+    count, as load_templates reads them when no such file exists)."""
+    spec = str(spec).strip()
+    path = Path(spec).expanduser()
+    if _builtin(spec) is not None:
+        return True
+    return path.suffix.lower() == ".txt" and len(path.parts) == 1 and _builtin(path.stem) is not None \
+        and not path.is_file()
+
+
 def _builtin(name: str) -> tuple[str, ...] | None:
     key = name.lower()
     return BUILTIN_TEMPLATES.get(_ALIASES.get(key, key))
 
 
 def _read_lines(path: Path) -> list[str]:
+    # Messages about a template file never quote it: a webui request may name a file it cannot read itself.
     try:
+        size = path.stat().st_size
+        if size > MAX_TEMPLATE_FILE:
+            raise TIError(f"prompt template file {str(path)!r} is {size} bytes: a template file holds one prompt per "
+                          f"line and is at most {MAX_TEMPLATE_FILE} bytes; is it the right file?")
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
-        raise TIError(f"prompt template file {str(path)!r} is not UTF-8 text ({e}); save it as UTF-8") from e
+        raise TIError(f"prompt template file {str(path)!r} is not UTF-8 text (at byte {e.start}); save it as "
+                      "UTF-8") from None
     except OSError as e:
-        raise TIError(f"cannot read prompt template file {str(path)!r}: {e}") from e
-    return [line.strip() for line in text.splitlines() if line.strip()]
+        raise TIError(f"cannot read prompt template file {str(path)!r} ({e.strerror or type(e).__name__})") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    long = [n for n, line in enumerate(lines, start=1) if len(line) > MAX_LINE]
+    if long:
+        raise TIError(f"prompt template file {str(path)!r}: line {long[0]} is over {MAX_LINE} characters, longer "
+                      "than any prompt; is it the right file?")
+    return lines
 
 
 def check_templates(templates: Sequence[str], *, source: str = "template set") -> list[str]:
@@ -118,9 +143,10 @@ def check_templates(templates: Sequence[str], *, source: str = "template set") -
     Also warns about lines that use neither [name] nor [filewords] (steps that train nothing).
     """
     lines = _require_name(templates, source=source)
-    unused = [line for line in lines if not has_name(line) and FILEWORDS not in line]
+    unused = [n for n, line in enumerate(lines, start=1) if not has_name(line) and FILEWORDS not in line]
     if unused:
-        warn(f"{source}: {len(unused)} of {len(lines)} template lines never use the embedding, e.g. {unused[0]!r}")
+        warn(f"{source}: {len(unused)} of {len(lines)} template lines never use the embedding (line "
+             f"{', '.join(map(str, unused[:5]))}{', ...' if len(unused) > 5 else ''})")
     return lines
 
 
@@ -132,8 +158,8 @@ def _require_name(templates: Sequence[str], *, source: str) -> list[str]:
         return lines
     if not any(has_name(line) for line in lines):
         raise TIError(
-            f"{source}: no line contains [name] (or {{}}), so the embedding would never appear in a prompt; "
-            f"add [name] where the embedding goes, e.g. 'a photo of a [name]'. First line: {lines[0]!r}"
+            f"{source}: no line contains [name] (or {{}}) in its {len(lines)} line(s), so the embedding would never "
+            "appear in a prompt; add [name] where the embedding goes, e.g. 'a photo of a [name]'"
         )
     return lines
 

@@ -22,17 +22,27 @@ import torch
 import torch.nn.functional as F
 
 from . import events
-from .checkpoints import TrainingState, list_states, load_latest, remove_checkpoint, save_checkpoint
+from .checkpoints import TrainingState, checkpoint_path, list_states, load_latest, remove_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import TrainingData, prepare_data
 from .devices import autocast_dtype
 from .embedding import match_to_model
-from .engine import Engine, PreviewRequest, add_noise, embedding_of, min_snr_weights, training_target
-from .errors import TIError
+from .engine import (
+    MAX_NORM_FACTOR,
+    Engine,
+    PreviewRequest,
+    add_noise,
+    embedding_of,
+    min_snr_weights,
+    training_target,
+    vector_problem,
+)
+from .errors import TIError, WriteError
 from .fileio import atomic_path
 from .formats.embeddings import load_embedding, save_embedding
 from .latents import LatentCache
 from .losslog import LossLog
+from .runfolder import RunLock, check_new_run, check_run, sweep
 from .schedule import parse_schedule
 
 MAX_BAD_STEPS = 20  # consecutive non-finite steps before giving up
@@ -41,23 +51,29 @@ MAX_BAD_STEPS = 20  # consecutive non-finite steps before giving up
 EventHandler = Callable[[object], None]
 
 
+class Diverged(TIError):
+    """The vectors are no longer fit to save (non-finite, or implausibly long), or steps keep failing."""
+
+
 def train(engine: Engine, cfg: TrainConfig, *, data: TrainingData | None = None, resume: bool = False,
           on_event: EventHandler | None = None, should_stop: Callable[[], bool] = lambda: False) -> events.Result:
-    """Train ``cfg.name`` on ``engine``; report through ``on_event``; stop cleanly when ``should_stop()``."""
+    """Train ``cfg.name`` on ``engine``; report through ``on_event``; stop cleanly when ``should_stop()``.
+
+    The run folder is locked for the whole run, and swept of what interrupted runs left there first.
+    """
     emit = on_event or (lambda _event: None)
     t_start = time.perf_counter()
+    check_run(cfg, resume=resume)
     data = data or prepare_data(cfg)
-    with engine.frozen():
-        engine.set_gradient_checkpointing(cfg.gradient_checkpointing)
-        run = _Run.resume(engine, cfg, data, emit) if resume else _Run.start(engine, cfg, data, emit)
-        emit(events.Started(run.step, run.total, data.num_images, len(data.samples), run.notes,
-                            time.perf_counter() - t_start))
-        try:
-            reason = run.loop(should_stop)
-        except Exception:
-            run.save_after_error()
-            raise
-    final_path = run.save(is_final=True)
+    with RunLock(cfg.run_dir):
+        sweep(cfg.run_dir, cfg.name)
+        with engine.frozen():
+            engine.set_gradient_checkpointing(cfg.gradient_checkpointing)
+            run = _Run.resume(engine, cfg, data, emit) if resume else _Run.start(engine, cfg, data, emit)
+            emit(events.Started(run.step, run.total, data.num_images, len(data.samples), run.notes,
+                                time.perf_counter() - t_start))
+            reason = run.loop_keeping_progress(should_stop)
+        final_path = run.save_final()
     result = events.Result(run.step, final_path, run.log.last_loss, reason != "done", run.describe(reason),
                            run.skipped)
     emit(result)
@@ -92,9 +108,9 @@ class _Run:
     # ------------------------------------------------------------------ the two ways a run begins
     @classmethod
     def start(cls, engine: Engine, cfg: TrainConfig, data: TrainingData, emit: EventHandler) -> _Run:
-        """A new run: the run folder must hold no checkpoint of this name unless ``overwrite``."""
-        _clear_old_run(cfg)
+        """A new run: the run folder must hold no checkpoint or embedding of this name unless ``overwrite``."""
         vectors, notes = _initial_vectors(engine, cfg)
+        _clear_old_run(cfg)
         return cls._build(engine, cfg, data, emit, step=0, vectors=vectors, notes=notes, state=None)
 
     @classmethod
@@ -136,6 +152,19 @@ class _Run:
                    scaler=scaler, log=log, latents=latents, notes=notes)
 
     # ------------------------------------------------------------------ the loop
+    def loop_keeping_progress(self, should_stop: Callable[[], bool]) -> str:
+        """``loop``; after a failure the steps done are saved (if the vectors are fit to) before it is raised."""
+        try:
+            return self.loop(should_stop)
+        except WriteError:
+            raise  # saving again would fail the same way
+        except Diverged as exc:
+            self.save_after_error()
+            raise self.diverged(exc) from None
+        except Exception:
+            self.save_after_error()
+            raise
+
     def loop(self, should_stop: Callable[[], bool]) -> str:
         timer = _Timer(self.cfg.batch_size * self.cfg.grad_accum)
         while self.step < self.total:
@@ -175,7 +204,11 @@ class _Run:
         """Unscale, check for inf/NaN, clip, step. A non-finite step is skipped and reported, never trained on."""
         self.scaler.unscale_(self.optimizer)
         grads_ok = torch.stack([torch.isfinite(p.grad).all() for p in self.params if p.grad is not None]).all()
-        if not bool(torch.isfinite(loss) & grads_ok):  # one host sync per step; the price of never training on NaN
+        vectors_ok = self.vectors_plausible()
+        if not bool(torch.isfinite(loss) & grads_ok & vectors_ok):  # one host sync per step: never train on NaN
+            if not bool(vectors_ok):
+                raise Diverged(f"training diverged: after step {self.step} "
+                               f"{vector_problem(self.vectors, self.engine.token_norms)}")
             self._skip(loss)
             return
         self.bad_streak = 0
@@ -196,10 +229,27 @@ class _Run:
         self.emit(events.Warning(self.step + 1, f"step {self.step + 1}: loss or gradient is {loss.item()} "
                                  "(not finite); the step was skipped"))
         if self.bad_streak >= MAX_BAD_STEPS:
-            raise TIError(
+            raise Diverged(
                 f"{MAX_BAD_STEPS} steps in a row had a non-finite loss or gradient (at step {self.step + 1}): "
                 "lower the learning rate, use precision bf16 or fp32, or (SDXL) the fp16-fix VAE"
             )
+
+    def vectors_plausible(self) -> torch.Tensor:
+        """On the device, no sync: every trained vector is finite and within ``MAX_NORM_FACTOR`` token norms."""
+        norms = self.engine.token_norms
+        return torch.stack([v.detach().float().norm(dim=1).max() <= MAX_NORM_FACTOR * norms.get(k, math.inf)
+                            for k, v in self.vectors.items() if v.requires_grad]).all()  # NaN compares False
+
+    def diverged(self, exc: Diverged) -> Diverged:
+        """``exc``, naming the checkpoint the run can go on from."""
+        states = list_states(self.run_dir, self.cfg.name)
+        if not states:
+            return Diverged(f"{exc}. No checkpoint was saved before: start again with a lower learning rate")
+        step = states[-1][0]
+        where = checkpoint_path(self.run_dir, self.cfg.name, step, self.cfg.save_format)
+        return Diverged(f"{exc}. Nothing after step {step} was saved: the last good checkpoint is step {step} "
+                        f"({str(where)!r}); resume from it with a lower learning rate (resume may change "
+                        "learning_rate), or start again")
 
     # ------------------------------------------------------------------ outputs
     def report(self, loss: torch.Tensor, lr: float, timer: _Timer) -> None:
@@ -209,6 +259,11 @@ class _Run:
                               remaining * timer.seconds_per_step()))
 
     def save(self, is_final: bool) -> Path:
+        """Write this step's checkpoint (and with ``is_final`` the final embedding); vectors unfit to save never
+        are: nothing is written, counted by keep_last or published, and ``Diverged`` is raised."""
+        problem = vector_problem(self.vectors, self.engine.token_norms)
+        if problem:
+            raise Diverged(f"training diverged: after step {self.step} {problem}")
         emb = embedding_of(self.engine, self.cfg.name, self.vectors, self.step)
         state = TrainingState(self.step, emb.vectors, self.optimizer.state_dict(), self.scaler.state_dict()
                               if self.scaler.is_enabled() else None, self.cfg.to_dict(), self.log.pending_values())
@@ -219,9 +274,15 @@ class _Run:
         self.emit(events.Saved(self.step, path, is_final, checkpoint))
         return path
 
+    def save_final(self) -> Path:
+        try:
+            return self.save(is_final=True)
+        except Diverged as exc:
+            raise self.diverged(exc) from None
+
     def save_after_error(self) -> None:
         """Keep the steps done before a crash (out of memory, a host error): --resume continues from here."""
-        if self.step <= self.start_step:
+        if self.step <= self.start_step or vector_problem(self.vectors, self.engine.token_norms):
             return
         try:
             path = self.save(is_final=False)
@@ -253,13 +314,9 @@ class _Run:
 
 # ---------------------------------------------------------------------- setting a run up
 def _clear_old_run(cfg: TrainConfig) -> None:
-    existing = list_states(cfg.run_dir, cfg.name)
-    if existing and not cfg.overwrite:
-        raise TIError(
-            f"run folder {str(cfg.run_dir)!r} already holds checkpoints of {cfg.name!r} (last at step "
-            f"{existing[-1][0]}): resume it, pick another name or output folder, or allow overwrite"
-        )
-    for step, _ in existing:  # overwrite: an old run's later checkpoints must not outlive this one's
+    """Checked again under the run's lock (``check_run`` ran before it); with overwrite, the old run goes."""
+    check_new_run(cfg)
+    for step, _ in list_states(cfg.run_dir, cfg.name):  # an old run's later checkpoints must not outlive this one's
         remove_checkpoint(cfg.run_dir, cfg.name, step)
 
 
@@ -268,6 +325,10 @@ def _initial_vectors(engine: Engine, cfg: TrainConfig) -> tuple[dict[str, torch.
     if not cfg.init_from:
         return engine.init_vectors(cfg.init_text, cfg.num_vectors), []
     emb = match_to_model(load_embedding(cfg.init_from), engine.encoder_widths)
+    problem = vector_problem(emb.vectors, engine.token_norms)
+    if problem:
+        raise TIError(f"init_from {cfg.init_from!r} cannot be trained from: {problem}; use another embedding, or "
+                      "init_text")
     notes = []
     if emb.num_vectors != cfg.num_vectors:
         notes.append(f"init_from {cfg.init_from!r} has {emb.num_vectors} vectors per token; using that instead of "

@@ -127,7 +127,7 @@ def test_the_training_and_the_dataset_tools_check_sizes_alike(tmp_path):
 
     for owner, make in (("config", lambda **kw: TrainConfig(**kw)),
                         ("prepare", lambda **kw: PrepareOptions(src=str(tmp_path), dst=str(tmp_path / "o"), **kw))):
-        with pytest.raises(TIError, match=f"{owner} width=100 is invalid: use a multiple of 8 of at least 64"):
+        with pytest.raises(TIError, match=f"{owner} width=100 is invalid: use a multiple of 8 from 64 to 4096"):
             make(width=100)
         with pytest.raises(TIError, match=f"{owner} bucket_min_side=100 is invalid: use 0 .automatic. or a multiple"):
             make(bucket_min_side=100)

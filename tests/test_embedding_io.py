@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import errno
 import json
 import pickle
 import zlib
@@ -17,7 +18,7 @@ from safetensors.torch import save_file
 
 from lib_ti.cli import inspect as inspect_cmd
 from lib_ti.embedding import Embedding
-from lib_ti.errors import TIError
+from lib_ti.errors import TIError, WriteError
 from lib_ti.formats import embeddings as embedding_io
 from lib_ti.formats.embeddings import load_embedding, load_embedding_details, save_embedding
 
@@ -398,31 +399,36 @@ def test_refuses_to_overwrite(tmp_path, fmt):
     assert_bit_exact(load_embedding(first).vectors, make_vectors("sd1", seed=2))
 
 
-def _fail_midway(target) -> None:
-    Path(target).write_bytes(b"partial")
-    raise OSError("disk full (simulated)")
+def _fail_midway(target, *_args, **_kwargs) -> None:
+    with open(target, "wb") as f:
+        f.write(b"partial")
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _disk_fills_up(monkeypatch, fmt: str) -> None:
+    """The next write of a ``fmt`` file fails midway, as on a full disk."""
+    if fmt == "png":
+        monkeypatch.setattr(Image.Image, "save", lambda self, fp, *a, **k: _fail_midway(fp))
+    else:
+        monkeypatch.setattr(Path, "write_bytes", lambda self, data: _fail_midway(self))
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "pt", "png"])
 def test_failed_write_leaves_old_file_intact(tmp_path, monkeypatch, fmt):
     path = save_embedding(make_emb("sdxl", seed=1), tmp_path / f"e.{fmt}")
     before = path.read_bytes()
-    if fmt == "safetensors":
-        monkeypatch.setattr("safetensors.torch.save_file", lambda tensors, filename, metadata=None:
-                            _fail_midway(filename))
-    elif fmt == "pt":
-        monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: _fail_midway(f))
-    else:
-        monkeypatch.setattr(Image.Image, "save", lambda self, fp, *a, **k: _fail_midway(fp))
-    with pytest.raises(OSError, match="simulated"):
+    _disk_fills_up(monkeypatch, fmt)
+    with pytest.raises(WriteError) as err:
         save_embedding(make_emb("sdxl", seed=2), path, overwrite=True)
+    assert str(err.value) == (f"[TI Trainer] could not write {str(path)!r}: the disk is full; free some space and try "
+                              "again")
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 
 def test_failed_first_write_leaves_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr("safetensors.torch.save_file", lambda tensors, filename, metadata=None: _fail_midway(filename))
-    with pytest.raises(OSError, match="simulated"):
+    _disk_fills_up(monkeypatch, "safetensors")
+    with pytest.raises(WriteError, match="new.safetensors"):
         save_embedding(make_emb("sd1"), tmp_path / "new.safetensors")
     assert list(tmp_path.iterdir()) == []
 

@@ -44,6 +44,8 @@ def test_value_is_a_pure_function_of_step_so_resume_mid_schedule_is_exact():
     ("text", "fragment"),
     [
         ("0.05:abc", "'abc'"),
+        ("0.05:10,,", "empty piece (piece 2)"),
+        ("0.05:10, 0.005,", "empty piece (piece 3)"),
         ("abc", "'abc' in 'abc' is not a number"),
         ("-0.05:10", "positive"),
         ("0:10", "positive"),

@@ -66,10 +66,11 @@ def test_filewords_only_file_is_accepted(tmp_path):
 
 def test_file_without_name_placeholder_is_rejected(tmp_path):
     path = tmp_path / "t.txt"
-    path.write_text("a photo\n[filewords] picture\n", encoding="utf-8")
+    path.write_text("a secret photo\n[filewords] picture\n", encoding="utf-8")
     with pytest.raises(TIError, match=r"\[TI Trainer\].*no line contains \[name\]") as e:
         load_templates(str(path))
     assert "t.txt" in str(e.value)
+    assert "secret" not in str(e.value)  # never echoes the file: a webui request may name a file it cannot read
 
 
 def test_empty_file_is_rejected(tmp_path):
@@ -99,7 +100,7 @@ def test_unknown_name_or_missing_file_lists_builtins(spec):
 def test_lines_that_never_use_the_embedding_warn(capsys):
     check_templates(["a photo of [name]", "just a picture"])
     err = capsys.readouterr().err
-    assert "1 of 2 template lines" in err and "just a picture" in err
+    assert "1 of 2 template lines" in err and "(line 2)" in err and "just a picture" not in err
 
 
 def test_loading_and_checking_a_file_warns_once(tmp_path, capsys):

@@ -87,12 +87,17 @@ def test_every_config_field_has_a_tab_control():
 
 @pytest.fixture()
 def host_folders(tmp_path, monkeypatch):
-    (tmp_path / "embeddings").mkdir()
-    (tmp_path / "data").mkdir()
-    monkeypatch.setattr(a1111, "output_root", lambda: tmp_path / "runs")
-    monkeypatch.setattr(a1111, "embeddings_dir", lambda: tmp_path / "embeddings")
+    """A webui data folder (``tmp_path/webui``) with its embeddings and a dataset, and the output root."""
+    webui = tmp_path / "webui"
+    for folder in ("embeddings", "data", "textual_inversion_templates"):
+        (webui / folder).mkdir(parents=True)
+    monkeypatch.setattr(a1111, "data_folder", lambda: webui)
+    monkeypatch.setattr(a1111, "templates_dir", lambda: webui / "textual_inversion_templates")
+    monkeypatch.setattr(a1111, "output_root", lambda: webui / "runs")
+    monkeypatch.setattr(a1111, "embeddings_dir", lambda: webui / "embeddings")
+    monkeypatch.setattr(a1111, "extra_read_roots", lambda: [])
     monkeypatch.setattr(a1111, "loaded_embedding_file", lambda name: None)
-    return tmp_path
+    return webui
 
 
 def test_requests_cannot_write_outside_the_output_folders(host_folders):
@@ -111,8 +116,13 @@ def test_requests_cannot_write_outside_the_output_folders(host_folders):
 
 
 def test_existing_embeddings_are_protected_and_resume_needs_a_checkpoint(host_folders):
+    import torch
+
+    from lib_ti.embedding import Embedding
+    from lib_ti.formats.embeddings import save_embedding
+
     base = TrainConfig(name="tok", data_dir=str(host_folders / "data"))
-    (host_folders / "embeddings" / "tok.safetensors").write_bytes(b"x")
+    save_embedding(Embedding("tok", {"clip_l": torch.zeros(1, 8)}), host_folders / "embeddings" / "tok.safetensors")
     with pytest.raises(TIError, match="already exists"):
         runner.resolve(base, resume=False)
     assert runner.resolve(base.replace(overwrite=True), resume=False).overwrite
@@ -120,6 +130,48 @@ def test_existing_embeddings_are_protected_and_resume_needs_a_checkpoint(host_fo
     assert runner.resolve(continuing, resume=False)  # training an embedding in place is allowed
     with pytest.raises(TIError, match="nothing to resume"):
         runner.resolve(base, resume=True)
+
+
+def test_requests_read_only_inside_the_allowed_folders(host_folders, tmp_path, monkeypatch):
+    outside = tmp_path / "elsewhere"
+    (outside / "data").mkdir(parents=True)
+    (outside / "t.txt").write_text("root:x:0:0:secret [name]\n")
+    base = TrainConfig(name="tok", data_dir=str(host_folders / "data"))
+    template = host_folders / "textual_inversion_templates" / "mine.txt"
+    template.write_text("a photo of [name]\n")
+    assert runner.resolve(base.replace(template=str(template)), resume=False).template == str(template)
+    assert runner.resolve(base.replace(template="subject_filewords.txt"), resume=False)  # a built-in set
+    # Refused whether the path exists or not, so a refusal tells nothing about files outside.
+    for field, value in [("data_dir", outside / "data"), ("data_dir", outside / "nothing"),
+                         ("template", outside / "t.txt"), ("template", "/etc/passwd"), ("init_from", "/etc/passwd"),
+                         ("init_from", outside / "no.pt")]:
+        with pytest.raises(TIError, match=f"config {field}=.* requests may read only inside") as err:
+            runner.resolve(base.replace(**{field: str(value)}), resume=False)
+        assert "root:x" not in str(err.value) and "secret" not in str(err.value)
+    (host_folders / "data" / "link").symlink_to(outside / "data")  # a link inside that leads outside
+    with pytest.raises(TIError, match="config data_dir="):
+        runner.resolve(base.replace(data_dir=str(host_folders / "data" / "link")), resume=False)
+    monkeypatch.setattr(a1111, "extra_read_roots", lambda: [outside])  # the owner allows the folder
+    assert runner.resolve(base.replace(data_dir=str(outside / "data")), resume=False)
+    # The webui user's own tab reads anywhere unless others can reach the UI: not confined there.
+    monkeypatch.setattr(a1111, "extra_read_roots", lambda: [])
+    assert runner.resolve(base.replace(data_dir=str(outside / "data")), resume=False, confined=False)
+
+
+def test_folder_settings_cannot_lead_outside_the_embeddings_folder(host_folders, monkeypatch):
+    monkeypatch.setattr(a1111, "checkpoint_subdir", lambda: "../../elsewhere")
+    with pytest.raises(TIError, match="checkpoint_subdir="):
+        runner.checkpoint_folder(TrainConfig(name="tok"))
+    assert set(a1111.PATH_SETTINGS) == {"output_dir", "checkpoint_subdir", "allowed_roots"}  # never set over the API
+
+
+def test_a_user_error_carries_no_traceback_to_the_api():
+    job = Job("tok-1", "tok", state="running")
+    try:
+        raise TIError("template 'x' has no [name]") from UnicodeDecodeError("utf-8", b"\xffsecret", 0, 1, "bad")
+    except TIError as exc:
+        job.fail(exc)
+    assert job.status()["error_detail"] is None and "secret" not in str(job.status())
 
 
 def test_only_one_run_at_a_time(host_folders, monkeypatch):

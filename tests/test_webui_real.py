@@ -41,6 +41,7 @@ pytestmark = [
 class Webui:
     def __init__(self, base: str, log: Path, proc: subprocess.Popen, data_dir: Path) -> None:
         self.base, self.log, self.proc, self.data_dir = base, log, proc, data_dir
+        self.allowed = data_dir  # the extra folder requests may read (--ti-trainer-allowed-roots)
         token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
         self.auth = {"Authorization": f"Basic {token}"}
 
@@ -93,6 +94,7 @@ def webui(tmp_path_factory):
     from lib_ti.models.tiny import build_tiny_model
 
     data_dir = tmp_path_factory.mktemp("webui-data")
+    allowed = tmp_path_factory.mktemp("allowed")
     models = data_dir / "models" / "Stable-diffusion"
     models.mkdir(parents=True)
     for family in FAMILIES:  # each checkpoint with its same-named yaml and the side folders the yaml names
@@ -135,6 +137,8 @@ def webui(tmp_path_factory):
         "--skip-version-check",
         "--ti-trainer-output-dir",
         str(data_dir / "ti-runs"),
+        "--ti-trainer-allowed-roots",  # read by requests besides the data folder (the benchmark's images)
+        str(allowed),
     ]
     log = data_dir / "webui.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
@@ -142,6 +146,7 @@ def webui(tmp_path_factory):
     with open(log, "wb") as out:
         proc = subprocess.Popen(args, cwd=WEBUI, stdout=out, stderr=subprocess.STDOUT, env=env)
     host = Webui(f"http://127.0.0.1:{port}", log, proc, data_dir)
+    host.allowed = allowed
     try:
         _wait_until_up(host)
         yield host
@@ -195,8 +200,8 @@ def _wait_until_up(host: Webui, timeout: float = 300) -> None:
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return draw_images(tmp_path_factory.mktemp("ti-data"), 4, 64)
+def dataset(webui):
+    return draw_images(webui.data_dir / "ti-data", 4, 64)  # inside the data folder: requests may read it
 
 
 def run_config(dataset: Path, name: str, **changes) -> dict:
@@ -286,6 +291,55 @@ def test_bad_requests_are_refused_before_any_work(webui, dataset, changes, messa
     assert not (webui.data_dir / "escape").exists()
 
 
+SECRET = "root:x:0:0:secret-first-line"
+
+
+@pytest.fixture(scope="module")
+def outside(tmp_path_factory):
+    """Files outside every allowed folder: a dataset, a template whose first line is a secret, an embedding."""
+    import torch
+
+    from lib_ti.embedding import Embedding
+    from lib_ti.formats.embeddings import save_embedding
+
+    root = tmp_path_factory.mktemp("outside")
+    draw_images(root / "data", 2, 64)
+    (root / "template.txt").write_text(f"{SECRET}\na photo of [name]\n")
+    save_embedding(Embedding("x", {"clip_l": torch.zeros(1, 32)}), root / "x.safetensors")
+    return root
+
+
+@pytest.mark.parametrize("field, value", [
+    ("template", "/etc/passwd"), ("template", "{outside}/template.txt"), ("data_dir", "/etc"),
+    ("data_dir", "{outside}/data"), ("data_dir", "{outside}/no-such-folder"), ("init_from", "/etc/passwd"),
+    ("init_from", "{outside}/x.safetensors"), ("output_dir", "/tmp"), ("output_dir", "../../outside"),
+])
+def test_requests_naming_files_outside_the_allowed_folders_get_422_before_any_work(webui, dataset, outside, field,
+                                                                                  value):
+    _, before = webui.call("GET", "/ti-trainer/v1/runs")
+    body = {**run_config(dataset, "outsidetok"), field: value.format(outside=outside)}
+    code, out = webui.call("POST", "/ti-trainer/v1/train", body)
+    assert code == 422 and f"config {field}=" in out["detail"], out
+    assert SECRET not in json.dumps(out) and "root:x" not in json.dumps(out)
+    code, out = webui.call("POST", "/ti-trainer/v1/train?resume=true", body)  # nothing to resume, or refused
+    assert code == 422 and SECRET not in json.dumps(out) and "root:x" not in json.dumps(out), out
+    _, after = webui.call("GET", "/ti-trainer/v1/runs")
+    assert len(after["session"]) == len(before["session"])  # no run was started
+    assert not (webui.data_dir / "ti-runs" / "outsidetok").exists()
+
+
+def test_no_status_quotes_a_file_even_inside_the_allowed_folders(webui, dataset):
+    webui.use_model("sd1")
+    template = webui.allowed / "no-name.txt"  # readable by requests, but has no [name]: the run fails
+    template.write_text(f"{SECRET}\nanother line\n")
+    code, started = webui.call("POST", "/ti-trainer/v1/train", {**run_config(dataset, "leaktok"),
+                                                                "template": str(template)})
+    assert code == 202, started
+    status = webui.wait_for_run(started["run_id"])
+    assert status["state"] == "failed" and "no line contains [name]" in status["error"], status
+    assert status["error_detail"] is None and SECRET not in json.dumps(status)
+
+
 @pytest.mark.parametrize("family, keys", [("sd2", {"clip_h"}), ("sdxl", {"clip_l", "clip_g"})])
 def test_sd2_v_and_sdxl_train_and_are_used_in_txt2img(webui, dataset, family, keys):
     from lib_ti.formats.embeddings import load_embedding
@@ -352,7 +406,7 @@ def test_bench_quality_runs_its_loop_through_the_webui(webui, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "lib_ti", "bench", "quality", "--engine", "webui", "--webui-url", webui.base,
          "--webui-auth", f"{USER}:{PASSWORD}", "--steps", "100", "--eval-every", "50", "--renders", "8",
-         "--out", str(tmp_path / "bq"), "--json", str(tmp_path / "r.json")],
+         "--out", str(webui.allowed / "bq"), "--json", str(tmp_path / "r.json")],
         cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr + webui.tail()
     report = json.loads((tmp_path / "r.json").read_text())

@@ -23,40 +23,70 @@ def run(args: argparse.Namespace) -> int:
     from ..data import prepare_data
     from ..devices import choose_device
     from ..engines.standalone import load_engine
+    from ..runfolder import check_run
 
-    cfg = config_from_args(args)
-    check_paths(cfg)
-    data = prepare_data(cfg)  # every data problem surfaces before the model loads
-    device = choose_device(args.device)
-    engine = load_engine(cfg.model, device, args.weights_dtype, args.model_config)
-    return train_with_progress(engine, cfg, data, resume=args.resume)
+    with StopOnSignal() as stop:  # until training starts, a signal aborts at once: there is nothing to save yet
+        cfg = config_from_args(args)
+        check_paths(cfg)
+        check_run(cfg, resume=args.resume)
+        data = prepare_data(cfg)  # every data problem surfaces before the model loads
+        device = choose_device(args.device)
+        engine = load_engine(cfg.model, device, args.weights_dtype, args.model_config)
+        return train_with_progress(engine, cfg, data, resume=args.resume, stop=stop)
 
 
-def train_with_progress(engine, cfg, data, *, resume: bool) -> int:
+def train_with_progress(engine, cfg, data, *, resume: bool, stop: StopOnSignal) -> int:
+    """Train with a progress bar; the exit code is 0, or 128 + the signal number when a signal stopped the run."""
+    from .. import events
     from ..trainer import train  # heavy: torch
     from .progress import ConsoleProgress
 
-    stop = StopOnInterrupt()
     with ConsoleProgress() as progress:
-        result = train(engine, cfg, data=data, resume=resume, on_event=progress, should_stop=stop)
+        def on_event(event: object) -> None:
+            if isinstance(event, events.Started):
+                stop.graceful = True  # from here on a signal finishes the step and saves
+            progress(event)
+
+        result = train(engine, cfg, data=data, resume=resume, on_event=on_event, should_stop=stop)
     print(f"{PREFIX} {result.reason}. Embedding: {result.final_path}")
     if result.skipped_steps:
         print(f"{PREFIX} {result.skipped_steps} step(s) were skipped for a non-finite loss", file=sys.stderr)
-    return 0
+    return 128 + stop.signum if stop.signum and result.stopped_early else 0
 
 
-class StopOnInterrupt:
-    """First Ctrl+C: finish the current step, save, exit. Second Ctrl+C: abort at once."""
+class Aborted(KeyboardInterrupt):
+    """A signal that ends the process now, without saving (before training starts, or a second one)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class StopOnSignal:
+    """Ctrl+C (SIGINT) and SIGTERM (container stop, systemd, job schedulers): the first one finishes the current
+    step, saves and exits 130 / 143; a second one, or one before training starts, aborts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
-        self.requested = False
-        signal.signal(signal.SIGINT, self._handle)
+        self.signum = 0
+        self.graceful = False
+        self.previous: list = []
 
-    def _handle(self, *_) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(f"\n{PREFIX} stopping after this step and saving (Ctrl+C again to abort without saving)", file=sys.stderr)
+    def __enter__(self) -> StopOnSignal:
+        self.previous = [signal.signal(signum, self._handle) for signum in self.SIGNALS]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in zip(self.SIGNALS, self.previous, strict=True):
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, _frame) -> None:
+        if self.signum or not self.graceful:
+            raise Aborted(signum)
+        self.signum = signum
+        print(f"\n{PREFIX} stopping after this step and saving ({signal.Signals(signum).name}; send it again to "
+              "abort without saving)", file=sys.stderr, flush=True)
 
     def __call__(self) -> bool:
-        return self.requested
+        return bool(self.signum)

@@ -16,7 +16,7 @@ from PIL import Image
 
 from ..errors import PREFIX, TIError, warn
 from ..fileio import write_text
-from ..images import UNREADABLE, discover, read_image, unreadable_reason
+from ..images import UNREADABLE, discover, read_caption_file, read_image, unreadable_reason
 from ..options import option
 from .reports import Skipped, skip, skipped_lines
 
@@ -129,7 +129,7 @@ def review_items(folder: str | Path, caption_extension: str = ".txt") -> list[Re
     out = []
     for item in discover(folder, caption_extension=caption_extension):
         path = caption_path(item.path, caption_extension)
-        text = path.read_text(encoding="utf-8-sig").strip() if path.is_file() else ""
+        text = read_caption_file(path) if path.is_file() else ""
         out.append(ReviewItem(item.path, text, path))
     return out
 

@@ -30,7 +30,7 @@ from PIL import Image
 
 from ..buckets import Size, nearest_bucket
 from ..buckets import describe as describe_buckets
-from ..config import TrainConfig
+from ..config import TrainConfig, check_output_dir
 from ..errors import PREFIX, TIError
 from ..families import FAMILIES
 from ..images import UNREADABLE, ImageItem, discover, unreadable_reason
@@ -162,6 +162,10 @@ def _check_paths(cfg: TrainConfig, report: PreflightReport) -> None:
                                ".safetensors/.ckpt checkpoint")
     if cfg.init_from and not Path(cfg.init_from).is_file():
         report.problems.append(f"init_from {cfg.init_from!r} does not exist: give an embedding file or leave it empty")
+    try:
+        check_output_dir(cfg)
+    except TIError as e:
+        report.problems.append(str(e).removeprefix(f"{PREFIX} "))
     if cfg.optimizer == "prodigy" and importlib.util.find_spec("prodigyopt") is None:
         report.problems.append("optimizer 'prodigy' needs the prodigyopt package: pip install prodigyopt "
                                "(or use optimizer 'adamw')")

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..devices import weights_dtype
-from ..engine import PreviewRequest, frozen_modules
+from ..engine import PreviewRequest, frozen_modules, max_row_norm
 from ..errors import TIError, say
 from ..families import encoder_key
 from ..libraries import quiet_libraries
@@ -47,6 +47,7 @@ class StandaloneEngine:
         self.device = torch.device(device)
         self.prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
         self.encoder_widths = {e.key: e.model.get_input_embeddings().embedding_dim for e in encoders}
+        self.token_norms = {e.key: max_row_norm(e.model.get_input_embeddings().weight) for e in encoders}
         self.alphas_cumprod = _alphas_cumprod(self.scheduler_config).to(self.device)
         self.checkpoint_name, self.checkpoint_hash = checkpoint_name, checkpoint_hash
 
@@ -59,12 +60,15 @@ class StandaloneEngine:
         quiet_libraries()
         if not path.exists():
             raise TIError(f"model {str(path)!r} does not exist: give a diffusers folder or a .safetensors/.ckpt file")
-        if path.is_dir():
-            parts = _load_folder(path, dtype)
-        elif path.suffix in (".safetensors", ".ckpt"):
-            parts = _load_single_file(path, dtype, config_dir)
-        else:
+        if not path.is_dir() and path.suffix not in (".safetensors", ".ckpt"):
             raise TIError(f"model {str(path)!r}: expected a diffusers folder or a .safetensors/.ckpt file")
+        try:
+            parts = _load_folder(path, dtype) if path.is_dir() else _load_single_file(path, dtype, config_dir)
+        except (TIError, MemoryError):
+            raise
+        except Exception as exc:  # the libraries' many ways of saying "this file is not what it should be"
+            raise TIError(f"model {str(path)!r} could not be loaded ({_first_line(exc)}): a file of it is damaged, "
+                          "incomplete or not a Stable Diffusion model; download or convert it again") from exc
         unet, vae, encoders, sched, family = parts
         # The VAE stays float32: it only caches latents and decodes previews, and SDXL's VAE overflows in fp16.
         vae.to(device=device)
@@ -221,8 +225,9 @@ def _load_single_file(path: Path, dtype: torch.dtype, config_dir: str | Path | N
         pipe = cls.from_single_file(str(path), **kwargs)
     except Exception as exc:
         raise TIError(
-            f"could not load single-file checkpoint {str(path)!r} offline ({type(exc).__name__}: {exc}); "
-            "pass --model-config with a local diffusers folder of the same architecture for the component configs"
+            f"could not load single-file checkpoint {str(path)!r} offline ({_first_line(exc)}): it is damaged or "
+            "incomplete, or its component configs are missing; pass --model-config with a local diffusers folder "
+            "of the same architecture"
         ) from exc
     if is_xl:
         encoders = [TextEncoder("clip_l", pipe.text_encoder, pipe.tokenizer),
@@ -243,6 +248,13 @@ def _single_file_is_sdxl(path: Path) -> bool:
 
     with safe_open(str(path), framework="pt") as f:
         return any(k.startswith("conditioner.embedders.1.") for k in f.keys())
+
+
+def _first_line(exc: BaseException) -> str:
+    """'OSError: ...': an exception's type and the first line of its message, cut short, for one-line errors."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = text if len(text) <= 200 else text[:197] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _short_hash(path: Path) -> str:

@@ -68,7 +68,7 @@ import torch
 from ..embedding import Embedding
 from ..errors import TIError
 from ..families import SDXL_KEYS
-from ..fileio import atomic_path, load_torch
+from ..fileio import atomic_path, load_torch, save_torch, write_bytes
 
 FORMATS = ("safetensors", "pt", "png", "webp", "diffusers")
 _SUFFIX_FORMATS = {".safetensors": "safetensors", ".pt": "pt", ".bin": "pt", ".png": "png", ".webp": "webp"}
@@ -89,6 +89,7 @@ _FIELD_KEYS = ("name", "step", "sd_checkpoint", "sd_checkpoint_name")
 SINGLE_KEYS = ("emb_params", "emp_params")  # kohya, and a typo seen in the wild
 DIFFUSERS_FILE = "learned_embeds"
 _MAX_PIXEL_PAYLOAD = 256 * 1024 * 1024  # decompression cap for pixel-encoded data
+MAX_IMAGE_PIXELS = 8192 * 8192  # an embedding image is a preview plus data columns: far smaller than this
 
 
 @dataclass
@@ -225,6 +226,9 @@ def _read_image(path: Path) -> tuple[str, dict, dict[str, Any]]:
 
     try:
         with Image.open(path) as img:
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise TIError(f"{path} is a {img.width}x{img.height} image, far larger than an embedding image "
+                              f"(at most {MAX_IMAGE_PIXELS} pixels): it is not one; use the embedding file itself")
             img.load()
             text = dict(getattr(img, "text", None) or {})
             container = f"{img.format or 'image'}"
@@ -232,6 +236,9 @@ def _read_image(path: Path) -> tuple[str, dict, dict[str, Any]]:
             if WEBUI_CHUNK in text:
                 return f"{container} text chunk", _decode_b64_payload(text[WEBUI_CHUNK], path), meta
             data = extract_pixel_payload(img)
+    except Image.DecompressionBombError:
+        raise TIError(f"{path} declares an image of over {Image.MAX_IMAGE_PIXELS} pixels, far larger than an "
+                      "embedding image: it is not one (or is damaged); use the embedding file itself") from None
     except (UnidentifiedImageError, OSError) as e:
         raise TIError(f"{path} could not be opened as an image ({e}): is the file complete?") from e
     if data is None:
@@ -392,8 +399,7 @@ def save_embedding(
     if fmt == "safetensors":
         _write_safetensors(targets[0], _safetensors_tensors(emb), _metadata(emb))
     elif fmt == "pt":
-        with atomic_path(targets[0]) as tmp:
-            torch.save(_webui_payload(emb), tmp)
+        save_torch(_webui_payload(emb), targets[0])
     elif fmt in ("png", "webp"):
         _write_image(emb, targets[0], fmt, image, embed_pixels or fmt == "webp")
     else:
@@ -422,7 +428,12 @@ def _checked_vectors(emb: Embedding, path: Path) -> dict[str, torch.Tensor]:
         raise TIError(f"embedding {emb.name!r} has encoders {sorted(emb.vectors)}; only one encoder (SD1/SD2) or "
                       f"clip_l + clip_g (SDXL) can be saved to {path.name}")
     # contiguous float32 copies: safetensors needs contiguity, and torch.save of a view would store its whole storage
-    return {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in emb.vectors.items()}
+    vectors = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in emb.vectors.items()}
+    broken = [k for k, v in vectors.items() if not bool(torch.isfinite(v).all())]
+    if broken:  # a NaN or infinite vector breaks every prompt it is used in: such a file is never written
+        raise TIError(f"embedding {emb.name!r} has non-finite values (NaN or infinity) in {', '.join(broken)}: "
+                      f"{path.name} was not written")
+    return vectors
 
 
 def _targets(path: Path, fmt: str, emb: Embedding) -> list[Path]:
@@ -453,10 +464,26 @@ def _metadata(emb: Embedding) -> dict[str, str]:
 
 
 def _write_safetensors(target: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
+    # Through our own atomic write, not safetensors' save_file: that one writes through a temp file of its own
+    # (left behind by a crash) and resets the mode to 0600, which a webui running as another user cannot read.
+    write_bytes(target, safetensors_bytes(tensors, metadata))
 
-    with atomic_path(target) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A safetensors file's bytes, the same for the same tensors and metadata: the header's keys are sorted.
+
+    The library writes its metadata in a random order per process, so identical runs would give files of
+    different hashes (the webui's "TI hashes" in infotexts). Only the JSON header is rewritten: the tensor
+    offsets it holds are relative to the data, which stays as the library wrote it.
+    """
+    from safetensors.torch import save
+
+    raw = save(tensors, metadata=metadata)
+    length = struct.unpack("<Q", raw[:8])[0]
+    header = json.dumps(json.loads(raw[8:8 + length]), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    text = header.encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as the library pads it
+    return struct.pack("<Q", len(text)) + text + raw[8 + length:]
 
 
 def _webui_payload(emb: Embedding) -> dict[str, Any]:
@@ -478,8 +505,7 @@ def _write_diffusers(emb: Embedding, targets: list[Path]) -> None:
     parts = [emb.vectors["clip_l"], emb.vectors["clip_g"]] if emb.is_sdxl else list(emb.vectors.values())
     for target, vec in zip(targets, parts, strict=True):
         if target.suffix.lower() == ".bin":
-            with atomic_path(target) as tmp:
-                torch.save({emb.name: vec}, tmp)
+            save_torch({emb.name: vec}, target)
         else:
             _write_safetensors(target, {emb.name: vec}, _metadata(emb))
 

@@ -26,7 +26,7 @@ import torch
 from ..config import TrainConfig
 from ..dataset.blip import load_blip
 from ..dataset.caption import per_image
-from ..engine import PreviewRequest, frozen_modules
+from ..engine import PreviewRequest, frozen_modules, max_row_norm
 from ..errors import TIError
 from ..families import FAMILIES
 from ..fileio import atomic_path, load_torch
@@ -56,6 +56,7 @@ class WebuiEngine:
         with torch.no_grad():
             self.encoder_widths = {k: int(e.encode_embedding_init_text(",", 1).shape[1])
                                    for k, e in self.embedders.items()}
+            self.token_norms = {k: max_row_norm(_token_table(e)) for k, e in self.embedders.items()}
         self.alphas_cumprod = sd_model.alphas_cumprod.detach().float().to(self.device)
         info = getattr(sd_model, "sd_checkpoint_info", None)
         self.checkpoint_name = getattr(info, "name_for_extra", "") or ""
@@ -195,6 +196,26 @@ class WebuiEngine:
             sd_hijack.model_hijack.embedding_db.register_embedding(live, self.model)
             self.live = live
         return self.live
+
+
+# Where the host's embedders keep their token-embedding layer: CLIP (SD1, SDXL's clip_l), OpenCLIP (SD2,
+# SDXL's clip_g), XLM-R (Alt Diffusion). The host's hijack wraps the layer; its own is ``.wrapped``.
+_TOKEN_LAYERS = ("transformer.text_model.embeddings.token_embedding", "model.token_embedding",
+                 "roberta.embeddings.token_embedding")
+_SAMPLE_TEXT = "a photo of the person cat dog house city art painting red blue green"
+
+
+def _token_table(embedder) -> torch.Tensor:
+    """The token-embedding weight of a host text embedder; for one laid out otherwise, the embeddings of a
+    sample of common words (what its own ``encode_embedding_init_text`` gives), a smaller sample of the table."""
+    for path in _TOKEN_LAYERS:
+        layer = getattr(embedder, "wrapped", None)
+        for attr in path.split("."):
+            layer = getattr(layer, attr, None)
+        weight = getattr(getattr(layer, "wrapped", layer), "weight", None)
+        if isinstance(weight, torch.Tensor):
+            return weight
+    return embedder.encode_embedding_init_text(_SAMPLE_TEXT, 75)
 
 
 def _text_embedders(sd_model) -> list:
@@ -351,6 +372,37 @@ def checkpoint_subdir() -> str:
     return setting("checkpoint_subdir") or "ti-trainer"
 
 
+def data_folder() -> Path:
+    """The webui's data folder (--data-dir; by default its install folder)."""
+    from modules import paths_internal
+
+    return Path(paths_internal.data_path)
+
+
+def templates_dir() -> Path:
+    """The host's own textual-inversion template folder (--textual-inversion-templates-dir)."""
+    from modules import shared
+
+    return Path(shared.cmd_opts.textual_inversion_templates_dir)
+
+
+def extra_read_roots() -> list[Path]:
+    """The folders --ti-trainer-allowed-roots and the allowed-roots setting add, each a list like PATH's."""
+    from modules import shared
+
+    text = "\n".join([getattr(shared.cmd_opts, "ti_trainer_allowed_roots", None) or "", str(setting("allowed_roots"))])
+    return [Path(part.strip()).expanduser() for line in text.splitlines() for part in line.split(os.pathsep)
+            if part.strip()]
+
+
+def ui_exposed() -> bool:
+    """Whether others than the machine's own user may reach the UI: the host's own rule (--share, --listen,
+    --ngrok or --server-name, without --enable-insecure-extension-access), which it uses for its Extensions tab."""
+    from modules import shared
+
+    return bool(getattr(shared.cmd_opts, "disable_extension_access", False))
+
+
 def publish(path: Path, target: Path) -> Path:
     """Copy a saved embedding into the embeddings folder (atomically) and register it with the host now."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -466,7 +518,13 @@ HOST_SETTINGS: dict[str, tuple[object, str]] = {
     "output_dir": ("", "Folder for training runs (checkpoints, previews, loss logs); empty = "
                        "textual_inversion/ti-trainer in the data folder. --ti-trainer-output-dir wins"),
     "checkpoint_subdir": ("ti-trainer", "Sub-folder of the embeddings folder for checkpoint copies (name-STEP)"),
+    "allowed_roots": ("", "Extra folders API requests may read datasets, templates and embeddings from, besides "
+                          f"the webui's data folder; separated by '{os.pathsep}' or new lines. "
+                          "--ti-trainer-allowed-roots adds more"),
 }
+# Settings that name folders: never changed through the API (/sdapi/v1/options), and frozen by the host's
+# --hide-ui-dir-config like its own folder settings; else a request could move the folders it is confined to.
+PATH_SETTINGS = ("output_dir", "checkpoint_subdir", "allowed_roots")
 
 
 def _setting_fields() -> list:
@@ -496,8 +554,12 @@ def register_settings() -> None:
             options[key] = shared.OptionInfo(default, label, gr.Radio, {"choices": list(typing.get_args(hints[key]))})
         else:
             options[key] = shared.OptionInfo(default, label)
+        if key in PATH_SETTINGS:
+            options[key].restrict_api = True  # read by the host's Options.set (webui >= 1.7)
     for key, info in shared.options_section(SETTINGS_SECTION, options).items():
         shared.opts.add_option(f"ti_trainer_{key}", info)
+    if isinstance(shared.restricted_opts, set):
+        shared.restricted_opts.update(f"ti_trainer_{key}" for key in PATH_SETTINGS)
 
 
 def setting(key: str):

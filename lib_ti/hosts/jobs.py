@@ -83,7 +83,8 @@ class Job:
         """The real error, for the tab and the API: never "finished" with nothing done."""
         self.state = "failed"
         self.error = str(exc) if isinstance(exc, TIError) else f"{type(exc).__name__}: {exc}"
-        self.error_detail = "".join(traceback.format_exception(exc))
+        # A user error's message is the whole story; a traceback (with the errors it chains) is for bugs.
+        self.error_detail = None if isinstance(exc, TIError) else "".join(traceback.format_exception(exc))
         self.ended_at = time.time()
 
     # ------------------------------------------------------------------ views out

@@ -15,8 +15,10 @@ from ..checkpoints import list_states, saved_config
 from ..config import TrainConfig
 from ..data import prepare_data
 from ..engine import embedding_of
-from ..errors import TIError
+from ..errors import TIError, shown
 from ..formats.embeddings import save_embedding
+from ..runfolder import check_run
+from ..templates import is_builtin_template
 from ..trainer import train
 from . import a1111
 from .jobs import Job
@@ -45,26 +47,61 @@ def request_config(given: dict, *, resume: bool) -> TrainConfig:
     return saved_config(run_dir, where.name).resumed(placed)[0]
 
 
-def resolve(cfg: TrainConfig, *, resume: bool) -> TrainConfig:
+def resolve(cfg: TrainConfig, *, resume: bool, confined: bool = True) -> TrainConfig:
     """Validate a request against the host's folders; returns the config with its run folder filled in.
 
     Nothing may be written outside the embeddings and output folders, so ``output_dir`` is a
-    relative folder under the output root, and ``init_from`` names a loaded embedding or a file in
-    one of those two folders.
+    relative folder under the output root, and ``init_from`` names a loaded embedding or a file.
+    ``confined`` (every API request; the tab when others can reach it, ``a1111.ui_exposed``): what the
+    run reads (data_dir, a template file, init_from) must lie inside ``read_roots()``, checked before
+    whether it exists, so that a refusal tells nothing about files outside.
     """
     if cfg.model:
-        raise TIError(f"config model={cfg.model!r} is invalid here: the webui trains on the checkpoint it has "
+        raise TIError(f"config model={shown(cfg.model)} is invalid here: the webui trains on the checkpoint it has "
                       "loaded; leave model empty and pick the checkpoint at the top of the page")
-    cfg = cfg.replace(output_dir=str(_run_folder(cfg.output_dir or cfg.name)), init_from=_init_file(cfg.init_from))
+    cfg = cfg.replace(output_dir=str(_run_folder(cfg.output_dir or cfg.name)),
+                      init_from=_init_file(cfg.init_from, confined=confined))
+    if confined:
+        check_readable(cfg)
     if not cfg.data_dir or not Path(cfg.data_dir).is_dir():
-        raise TIError(f"config data_dir={cfg.data_dir!r} is invalid: give an existing folder of training images")
+        raise TIError(f"config data_dir={shown(cfg.data_dir)} is invalid: give an existing folder of training images")
     if resume:
         if not list_states(cfg.run_dir, cfg.name):
             raise TIError(f"nothing to resume: {str(cfg.run_dir)!r} holds no checkpoint of {cfg.name!r}; "
                           "press Train to start a new run")
     elif not cfg.overwrite:
         _refuse_existing(cfg)
+    check_run(cfg, resume=resume)  # the run folder: not in use by another run, nothing replaced unasked
     return cfg
+
+
+def read_roots() -> list[Path]:
+    """The folders a confined request may read from: the webui's data folder, its embeddings and template
+    folders, the output root, and the folders --ti-trainer-allowed-roots and the allowed-roots setting add."""
+    roots = [a1111.data_folder(), a1111.embeddings_dir(), a1111.templates_dir(), a1111.output_root(),
+             *a1111.extra_read_roots()]
+    return list(dict.fromkeys(root.expanduser().resolve() for root in roots))
+
+
+def check_readable(cfg: TrainConfig) -> None:
+    """Every file or folder ``cfg`` reads lies inside ``read_roots()`` (a built-in template set reads none)."""
+    if cfg.data_dir:
+        readable("config data_dir", cfg.data_dir)
+    if not is_builtin_template(cfg.template):
+        readable("config template", cfg.template)
+    if cfg.init_from and not a1111.loaded_embedding_file(cfg.init_from):
+        readable("config init_from", cfg.init_from)
+
+
+def readable(field: str, value: str) -> Path:
+    """``value`` resolved, when it lies inside ``read_roots()``; else a TIError naming the allowed folders."""
+    path = Path(value).expanduser().resolve()  # links resolved: a link inside pointing outside is outside
+    roots = read_roots()
+    if not any(path.is_relative_to(root) for root in roots):
+        raise TIError(f"{field}={shown(value)} is invalid: requests may read only inside the webui's data "
+                      f"folder and the allowed folders ({', '.join(map(str, roots))}); move it there, or add its "
+                      "folder in Settings > TI Trainer (extra allowed folders) or with --ti-trainer-allowed-roots")
+    return path
 
 
 def _run_folder(value: str) -> Path:
@@ -73,28 +110,31 @@ def _run_folder(value: str) -> Path:
     path = Path(value)
     if path.is_absolute() and path.resolve().is_relative_to(root.resolve()) and path.resolve() != root.resolve():
         return path
-    return root / _relative("output_dir", value)
+    folder = root / _relative("output_dir", value)
+    if not folder.resolve().is_relative_to(root.resolve()):  # a link inside the root pointing elsewhere
+        raise TIError(f"config output_dir={shown(value)} is invalid: it leads out of the extension's output folder "
+                      f"({root}) through a link; give another folder name")
+    return folder
 
 
 def _relative(field: str, value: str) -> Path:
     path = Path(value)
     if path.is_absolute() or ".." in path.parts or not path.parts:
-        raise TIError(f"config {field}={value!r} is invalid: give a folder name relative to the extension's "
+        raise TIError(f"config {field}={shown(value)} is invalid: give a folder name relative to the extension's "
                       f"output folder ({a1111.output_root()}); absolute paths and '..' are not allowed")
     return path
 
 
-def _init_file(init_from: str) -> str:
+def _init_file(init_from: str, *, confined: bool = True) -> str:
     if not init_from:
         return ""
     loaded = a1111.loaded_embedding_file(init_from)
     if loaded:
         return loaded
-    path = Path(init_from).resolve()
-    allowed = [a1111.embeddings_dir().resolve(), a1111.output_root().resolve()]
-    if not any(path.is_relative_to(root) for root in allowed) or not path.is_file():
-        raise TIError(f"config init_from={init_from!r} is invalid: give the name of a loaded embedding, or a file "
-                      "inside the embeddings folder or the extension's output folder")
+    path = readable("config init_from", init_from) if confined else Path(init_from).expanduser().resolve()
+    if not path.is_file():
+        raise TIError(f"config init_from={shown(init_from)} is invalid: give the name of a loaded embedding, or an "
+                      "embedding file")
     return str(path)
 
 
@@ -114,7 +154,11 @@ def final_target(cfg: TrainConfig) -> Path:
 
 
 def checkpoint_folder(cfg: TrainConfig) -> Path:
-    return a1111.embeddings_dir() / a1111.checkpoint_subdir() / cfg.name
+    sub = Path(a1111.checkpoint_subdir())
+    if sub.is_absolute() or ".." in sub.parts:
+        raise TIError(f"setting checkpoint_subdir={shown(str(sub))} is invalid: give a folder name inside the "
+                      "embeddings folder (Settings > TI Trainer)")
+    return a1111.embeddings_dir() / sub / cfg.name
 
 
 def create_embedding(cfg: TrainConfig) -> Path:

@@ -12,7 +12,7 @@ from ..dataset.caption import CaptionOptions, caption_folder, caption_path, revi
 from ..dataset.prepare import COMMON, MORE, PrepareOptions
 from ..dataset.prepare import run as prepare_folder
 from ..errors import TIError
-from . import a1111
+from . import a1111, runner
 from .widgets import ui_fields, values_to_options, widget
 
 TAB_TITLE = "TI Dataset"
@@ -72,10 +72,19 @@ def _controls(cls: type, chosen: list, prefix: str = "") -> dict:
     return controls
 
 
+def _confined(*folders: str) -> None:
+    """When others can reach the UI (``a1111.ui_exposed``), the folders it reads and writes lie inside the
+    allowed folders, as for API requests; otherwise they are the webui user's own choice."""
+    if a1111.ui_exposed():
+        for folder in folders:
+            runner.readable("folder", str(folder))
+
+
 def _prepare_handler(names: list[str]):
     def handler(*values):
         try:
             opts = PrepareOptions(**values_to_options(PrepareOptions, dict(zip(names, values, strict=True))))
+            _confined(opts.src, opts.dst)
             report = prepare_folder(opts, on_progress=a1111.progress_count, should_stop=a1111.host_interrupted)
         except TIError as exc:
             return (_pre(str(exc), error=True),)
@@ -88,6 +97,7 @@ def _caption_handler(names: list[str]):
     def handler(folder, model, *values):
         try:
             opts = CaptionOptions(**values_to_options(CaptionOptions, dict(zip(names, values, strict=True))))
+            _confined(folder)
             with a1111.captioner(None if model == HOST_BLIP else model) as captioner:
                 report = caption_folder(folder, captioner, opts, on_progress=a1111.progress_count,
                                         should_stop=a1111.host_interrupted)
@@ -100,6 +110,7 @@ def _caption_handler(names: list[str]):
 
 def _load_review(folder):
     try:
+        _confined(folder)
         items = review_items(folder)
     except TIError as exc:
         return None, None, _pre(str(exc), error=True)
@@ -113,6 +124,7 @@ def _save_review(folder, table):
     rows = table.values.tolist() if hasattr(table, "values") else list(table or [])
     saved = 0
     try:
+        _confined(folder)
         for name, text in rows:
             image = Path(folder) / str(name or "")
             if name and (str(text or "").strip() or caption_path(image).is_file()):  # no empty files for blanks

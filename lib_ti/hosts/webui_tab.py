@@ -173,7 +173,9 @@ def _run(args: tuple, *, resume: bool):
         if resume:  # the run's own settings; from the form only what may change on resume
             kept = {f.name: getattr(cfg, f.name) for f in fields(TrainConfig) if f.metadata.get("resume")}
             cfg = runner.request_config({"name": cfg.name, **kept}, resume=True)
-        cfg = runner.resolve(cfg, resume=resume)
+        # Paths typed here are the webui user's own, as in the host's Train tab: confined like API requests only
+        # when others can reach the UI (a1111.ui_exposed).
+        cfg = runner.resolve(cfg, resume=resume, confined=a1111.ui_exposed())
         job = runner.new_job(cfg)
     except TIError as exc:
         return None, _error_html(str(exc))
@@ -196,6 +198,8 @@ def _check_clicked(*args):
 
     try:
         cfg, _ = _split(args)
+        if a1111.ui_exposed():
+            runner.check_readable(cfg)
         report = check(cfg, family=a1111.loaded_family())
     except TIError as exc:
         return None, _error_html(str(exc))
