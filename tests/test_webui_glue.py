@@ -206,3 +206,77 @@ def test_a_resume_request_continues_the_runs_own_config(host_folders):
     with pytest.raises(TIError, match="nothing to resume"):
         runner.request_config({"name": "other"}, resume=True)
     assert runner.request_config({"name": "tok", "steps": 3}, resume=False).template == "object"  # a new run
+
+
+# ---------------------------------------------------------------------- the host's progress and stop flags
+@pytest.fixture()
+def fake_shared(monkeypatch):
+    """``modules.shared`` with the job-state fields a1111 reads and writes (no webui installed in CI)."""
+    import sys
+    import types
+
+    state = types.SimpleNamespace(job="", job_no=0, job_count=0, textinfo=None, sampling_step=0, sampling_steps=0,
+                                  processing_has_refined_job_count=False, time_start=1000.0, interrupted=False,
+                                  skipped=False, stopping_generation=False)
+    shared = types.SimpleNamespace(state=state, total_tqdm="the host's bar")
+    modules = types.ModuleType("modules")
+    modules.shared = shared  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "modules", modules)
+    monkeypatch.setitem(sys.modules, "modules.shared", shared)
+    monkeypatch.setattr(a1111, "_clock", {})
+    return shared
+
+
+def _host_eta(state, now: float) -> float:
+    """The host's own ETA (modules/progress.py progressapi, v1.10.1) from the job state."""
+    progress = min(state.job_no / state.job_count, 1)
+    elapsed = now - state.time_start
+    return elapsed / progress - elapsed
+
+
+def test_the_host_bar_shows_plain_text_and_this_sessions_eta(fake_shared, monkeypatch):
+    import time
+
+    clock = [5000.0]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    a1111.progress_begin(100, 40, "tok")  # a resumed run: 40 steps were done before, data loading took long
+    clock[0] += 30.0  # 30 s for 10 steps of this session: the 50 steps left take 150 s
+    a1111.progress_step(50, 100, "tok")
+    state = fake_shared.state
+    assert state.job_no == 50 and state.job_count == 100
+    assert "<" not in state.textinfo and "\n" not in state.textinfo and "step 50/100" in state.textinfo
+    assert _host_eta(state, clock[0]) == pytest.approx(150.0)
+    clock[0] += 90.0  # 20 more steps in 90 s: slower now, (30 + 90) s / 30 steps x 30 left
+    a1111.progress_step(70, 100, "tok")
+    assert _host_eta(state, clock[0]) == pytest.approx(120.0)
+    a1111.progress_end()
+    assert state.time_start == 1000.0  # the host logs the job's real duration
+
+
+def test_eta_is_left_to_the_host_before_the_first_step_and_at_the_end():
+    assert a1111.host_time_start(10.0, 0.0, 5, 5, 100) is None
+    assert a1111.host_time_start(10.0, 0.0, 0, 100, 100) is None
+    assert a1111.host_time_start(10.0, 0.0, 0, 10, 100) == pytest.approx(0.0)  # a fresh run: the host's own ETA
+
+
+@pytest.mark.parametrize("flag", a1111.STOP_FLAGS)
+def test_interrupt_skip_and_stop_after_image_each_stop_a_run(fake_shared, flag):
+    assert not a1111.host_interrupted()
+    setattr(fake_shared.state, flag, True)
+    assert a1111.host_interrupted()
+
+
+def test_a_preview_render_keeps_the_training_job_and_the_stop_requests(fake_shared):
+    state = fake_shared.state
+    state.job_count, state.job_no, state.textinfo, state.skipped = 100, 42, "Training tok: step 42/100", True
+    with a1111._job_state_kept(state), a1111._quiet_total_progress(fake_shared):
+        # what the host's txt2img does: one image of 20 steps, Skip cleared at the image's start
+        state.job_count, state.job_no, state.sampling_steps, state.skipped = 1, 1, 20, False
+        fake_shared.total_tqdm.update()
+        fake_shared.total_tqdm.updateTotal(2000)
+        fake_shared.total_tqdm.clear()
+        state.interrupted = True  # Interrupt pressed during the render
+    assert (state.job_count, state.job_no, state.sampling_steps) == (100, 42, 0)
+    assert state.textinfo == "Training tok: step 42/100"
+    assert state.skipped and state.interrupted  # both still stop the run after the render
+    assert fake_shared.total_tqdm == "the host's bar"

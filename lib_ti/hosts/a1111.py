@@ -164,12 +164,13 @@ class WebuiEngine:
 
         self.set_live(token, {k: v.detach() for k, v in vectors.items()})
         reset_conditioning_cache()
+        # scheduler "Automatic": the host's default, named, so that it logs no "autocorrection" per preview.
         p = processing.StableDiffusionProcessingTxt2Img(
             sd_model=self.model, prompt=request.prompt, negative_prompt=request.negative_prompt,
-            steps=request.steps, sampler_name=request.sampler_name or "Euler", cfg_scale=request.cfg_scale,
-            seed=request.seed, width=request.width, height=request.height, do_not_save_grid=True,
-            do_not_save_samples=True, do_not_reload_embeddings=True)
-        with _job_state_kept(shared.state), contextlib.closing(p):
+            steps=request.steps, sampler_name=request.sampler_name or "Euler", scheduler="Automatic",
+            cfg_scale=request.cfg_scale, seed=request.seed, width=request.width, height=request.height,
+            do_not_save_grid=True, do_not_save_samples=True, do_not_reload_embeddings=True)
+        with _job_state_kept(shared.state), _quiet_total_progress(shared), contextlib.closing(p):
             processed = processing.process_images(p)
         reset_conditioning_cache()
         if not processed.images:
@@ -341,16 +342,52 @@ def reset_conditioning_cache() -> None:
     processing.StableDiffusionProcessingTxt2Img.cached_hr_uc = [None, None]
 
 
+JOB_FIELDS = ("job", "job_no", "job_count", "textinfo", "sampling_step", "sampling_steps",
+              "processing_has_refined_job_count", "time_start")
+STOP_FLAGS = ("interrupted", "skipped", "stopping_generation")
+
+
 @contextlib.contextmanager
 def _job_state_kept(state) -> Iterator[None]:
-    """A preview render runs the host's txt2img, which rewrites the job fields of ``shared.state``."""
-    saved = {k: getattr(state, k) for k in ("job", "job_no", "job_count", "textinfo", "sampling_step",
-                                            "sampling_steps", "processing_has_refined_job_count")}
+    """A preview render runs the host's txt2img, which rewrites the job fields of ``shared.state`` and
+    clears its Skip flag at the start of each image: a stop request made before or during the render
+    must still stop the run after it."""
+    saved = {k: getattr(state, k, None) for k in JOB_FIELDS}
+    flags = {k: bool(getattr(state, k, False)) for k in STOP_FLAGS}
     try:
         yield
     finally:
         for k, v in saved.items():
             setattr(state, k, v)
+        for k, was_set in flags.items():
+            setattr(state, k, was_set or bool(getattr(state, k, False)))
+
+
+class _SilentTotal:
+    """Stands in for the host's console "Total progress" bar during a preview render: that bar's total is
+    job_count x sampling steps, i.e. training steps x preview steps, and would spill into the next txt2img."""
+
+    def update(self) -> None:
+        pass
+
+    def updateTotal(self, new_total) -> None:  # noqa: N802 - the host's method name
+        pass
+
+    def reset(self) -> None:
+        pass
+
+    def clear(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _quiet_total_progress(shared) -> Iterator[None]:
+    saved = getattr(shared, "total_tqdm", None)
+    shared.total_tqdm = _SilentTotal()
+    try:
+        yield
+    finally:
+        shared.total_tqdm = saved
 
 
 # ---------------------------------------------------------------------- folders and publishing
@@ -461,17 +498,60 @@ def remove_file(path: Path) -> None:
 
 
 # ---------------------------------------------------------------------- the host's job and progress
-def progress_begin(total_steps: int, start_step: int) -> None:
+# The host's progress bar (/internal/progress) shows job_no / job_count and an ETA it extrapolates from
+# shared.state.time_start over the whole job, data loading and the steps a resumed run had already done
+# included. Set from our own clock instead: this session's steps per second since the first step.
+_clock: dict[str, float] = {}
+
+
+def progress_text(name: str, step: int, total: int) -> str:
+    """Plain text the host's bar shows before its percentage (never HTML: it shows text, not markup)."""
+    return f"Training {name}: step {step}/{total}"
+
+
+def host_time_start(now: float, started: float, start_step: int, step: int, total: int) -> float | None:
+    """The ``time_start`` for which the host's ETA, elapsed * (1 - p) / p with p = step / total, equals this
+    session's linear extrapolation (seconds per step since ``started`` times the steps left)."""
+    done = step - start_step
+    if done <= 0 or not 0 < step < total:
+        return None
+    eta = (now - started) / done * (total - step)
+    p = step / total
+    return now - eta * p / (1 - p)
+
+
+def progress_begin(total_steps: int, start_step: int, name: str = "") -> None:
+    import time
+
     from modules import shared
 
+    _clock.update(started=time.time(), start_step=start_step, job_start=shared.state.time_start or time.time())
     shared.state.job_count, shared.state.job_no = total_steps, start_step
-    shared.state.textinfo = "Training..."
+    shared.state.sampling_step = shared.state.sampling_steps = 0
+    shared.state.textinfo = progress_text(name, start_step, total_steps)
 
 
-def progress_step(step: int, textinfo: str) -> None:
+def progress_step(step: int, total_steps: int, name: str = "") -> None:
+    import time
+
     from modules import shared
 
-    shared.state.job_no, shared.state.textinfo = step, textinfo
+    shared.state.job_count, shared.state.job_no = total_steps, step
+    shared.state.textinfo = progress_text(name, step, total_steps)
+    if _clock:
+        start = host_time_start(time.time(), _clock["started"], int(_clock["start_step"]), step, total_steps)
+        if start is not None:
+            shared.state.time_start = start
+
+
+def progress_end() -> None:
+    """The host logs the job's duration from time_start: give it back the real start."""
+    if not _clock:
+        return
+    from modules import shared
+
+    shared.state.time_start = _clock.pop("job_start")
+    _clock.clear()
 
 
 def progress_image(image) -> None:
@@ -481,10 +561,11 @@ def progress_image(image) -> None:
 
 
 def host_interrupted() -> bool:
-    """The host's Interrupt button (and /sdapi/v1/interrupt) stop a run like our Stop button."""
+    """The host's Interrupt (first click: "stop after this image", second: now), Skip, and /sdapi/v1/interrupt
+    all stop a run at the next step like our Stop button: a training run has no "current image" to finish."""
     from modules import shared
 
-    return bool(shared.state.interrupted)
+    return any(bool(getattr(shared.state, flag, False)) for flag in STOP_FLAGS)
 
 
 @contextlib.contextmanager

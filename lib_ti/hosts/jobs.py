@@ -1,7 +1,7 @@
 """One training job as a UI or an API client sees it: status, loss history, previews, stop requests.
 
 Host-independent: the webui glue feeds it the trainer's events and reads back a status dict (API),
-an HTML summary with a loss chart (the host's progress area) and the preview list (gallery).
+an HTML summary with a loss chart (the tab's run panel) and the preview list (gallery).
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ class Job:
         }
 
     def summary_html(self) -> str:
-        """Step, loss, learning rate and ETA, with the loss chart: shown in the host's progress area."""
+        """Step, loss, learning rate and ETA, with the loss chart: the tab's run panel (never the host's bar)."""
         loss = f"{self.losses[-1][1]:.4f}" if self.losses else "-"
         lr = f"{self.lr:g}" if self.lr is not None else "-"
         eta = _duration(self.eta_s) if self.eta_s is not None and self.eta_s == self.eta_s else "-"

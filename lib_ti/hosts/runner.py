@@ -213,6 +213,8 @@ def run(job: Job, cfg: TrainConfig, *, resume: bool) -> Job:
     except BaseException as exc:
         job.fail(exc)
         raise
+    finally:
+        a1111.progress_end()
     return job
 
 
@@ -226,9 +228,9 @@ class _Publisher:
     def handle(self, event: object) -> None:
         self.job.handle(event)
         if isinstance(event, events.Started):
-            a1111.progress_begin(event.total_steps, event.start_step)
+            a1111.progress_begin(event.total_steps, event.start_step, self.cfg.name)
         elif isinstance(event, events.Step):
-            a1111.progress_step(event.step, self.job.summary_html())
+            a1111.progress_step(event.step, event.total_steps, self.cfg.name)
         elif isinstance(event, events.Preview):
             a1111.progress_image(event.image)
         elif isinstance(event, events.Saved):
