@@ -97,6 +97,7 @@ def host_folders(tmp_path, monkeypatch):
     monkeypatch.setattr(a1111, "embeddings_dir", lambda: webui / "embeddings")
     monkeypatch.setattr(a1111, "extra_read_roots", lambda: [])
     monkeypatch.setattr(a1111, "loaded_embedding_file", lambda name: None)
+    monkeypatch.setattr(a1111, "ui_exposed", lambda: False)
     return webui
 
 
@@ -280,3 +281,130 @@ def test_a_preview_render_keeps_the_training_job_and_the_stop_requests(fake_shar
     assert state.textinfo == "Training tok: step 42/100"
     assert state.skipped and state.interrupted  # both still stop the run after the render
     assert fake_shared.total_tqdm == "the host's bar"
+
+
+# ---------------------------------------------------------------------- the tab: runs outlive the page
+def _form_args(**changes) -> tuple:
+    """The Train/Resume buttons' arguments: task id, the form's values, "previews from txt2img"."""
+    values = dict(zip(webui_tab.FIELD_NAMES, webui_tab.values_from_config(TrainConfig()), strict=True))
+    values.update(changes)
+    return ("task(abc)", *[values[name] for name in webui_tab.FIELD_NAMES], False)
+
+
+@pytest.fixture()
+def no_jobs(monkeypatch):
+    monkeypatch.setattr(runner, "JOBS", {})
+    started: list = []
+    monkeypatch.setattr(runner, "start", lambda job, cfg, resume: started.append((job, cfg, resume)))
+    return started
+
+
+def test_train_while_a_run_is_active_is_refused_at_once_naming_it(host_folders, no_jobs):
+    active = runner.new_job(TrainConfig(name="first"))
+    active.state, active.step, active.total_steps = "running", 40, 100
+    message, _ = webui_tab._train_clicked(*_form_args(name="second", data_dir=str(host_folders / "data")))
+    assert "ti-trainer-error" in message and "first" in message and "step 40 of 100" in message
+    assert not no_jobs and list(runner.JOBS.values()) == [active]  # nothing queued to start later
+
+
+def test_train_answers_at_once_and_the_run_goes_on_in_its_own_thread(host_folders, no_jobs):
+    message, _ = webui_tab._train_clicked(*_form_args(name="tok", data_dir=str(host_folders / "data")))
+    assert "ti-trainer-error" not in message, message
+    ((job, cfg, resume),) = no_jobs
+    assert job.task_id == "task(abc)" and cfg.name == "tok" and not resume and job.active
+    assert job.settings["data_dir"] == str(host_folders / "data")
+
+
+def test_runner_start_holds_the_gpu_lock_under_the_runs_task_id(monkeypatch):
+    import contextlib
+
+    seen = []
+
+    @contextlib.contextmanager
+    def gpu_job(task_id):
+        seen.append(("lock", task_id))
+        yield
+        seen.append(("unlock", task_id))
+
+    monkeypatch.setattr(a1111, "gpu_job", gpu_job)
+    monkeypatch.setattr(runner, "run", lambda job, cfg, resume: seen.append(("run", job.name, resume)))
+    job = Job("tok-1", "tok", task_id="task(xyz)")
+    runner.start(job, TrainConfig(name="tok"), resume=True).join(5)
+    assert seen == [("lock", "task(xyz)"), ("run", "tok", True), ("unlock", "task(xyz)")]
+
+
+def test_the_run_panel_is_polled_from_the_server_after_a_reload(host_folders, no_jobs):
+    import json
+
+    status, panel, gallery = webui_tab._poll("{}")
+    assert status == "{}" and "No run" in panel and gallery == {"__type__": "update"}
+    job = runner.new_job(TrainConfig(name="tok", width=64, height=64, data_dir="/data/tok"), "task(abc)")
+    job.handle(events.Started(0, 100, 4, 4, []))
+    job.handle(events.Step(10, 100, 0.125, 0.005, 2.0, 5.0, 45.0))
+    job.handle(events.Preview(10, Path("previews/tok-10.png"), image=None))
+    status, panel, gallery = webui_tab._poll("{}")  # a fresh page: no state of its own
+    assert json.loads(status) == {"run_id": job.run_id, "task_id": "task(abc)", "state": "running", "active": True,
+                                  "previews": 1}
+    assert "tok" in panel and "10 / 100" in panel and "0.1250" in panel and "0:45" in panel and "/data/tok" in panel
+    assert gallery["value"] == [(str(Path("previews/tok-10.png")), "step 10")]
+    assert webui_tab._poll(status)[2] == {"__type__": "update"}  # previews unchanged: the gallery is left alone
+    assert "Stopping tok" in webui_tab._stop_clicked() and job.should_stop()  # Stop from the reloaded page
+    job.fail(TIError("the data folder is empty"))
+    status, panel, _ = webui_tab._poll(status)
+    assert json.loads(status)["active"] is False and "ti-trainer-failed" in panel and "data folder is empty" in panel
+
+
+def _saved_run(host_folders, **settings) -> TrainConfig:
+    import torch
+
+    from lib_ti.checkpoints import TrainingState, save_checkpoint
+    from lib_ti.embedding import Embedding
+
+    run_dir = host_folders / "runs" / "tok"
+    saved = TrainConfig(name="tok", data_dir=str(host_folders / "data"), output_dir=str(run_dir), **settings)
+    vectors = {"clip_l": torch.zeros(1, 8)}
+    save_checkpoint(run_dir, Embedding("tok", vectors, 5), TrainingState(5, vectors, {}, None, saved.to_dict(), []),
+                    "safetensors", keep_last=0)
+    saved.save(run_dir / "config.yaml")
+    return saved
+
+
+def test_resume_continues_the_saved_run_and_refuses_other_differences(host_folders, no_jobs):
+    _saved_run(host_folders, width=64, height=64, steps=10, template="style", seed=7)
+    data = str(host_folders / "data")
+    message, runs = webui_tab._resume_clicked(*_form_args(name="tok", data_dir=data))  # a reloaded page's defaults
+    assert "ti-trainer-error" in message and not no_jobs
+    assert "Width: run 64, form 512" in message and "Prompt template: run &#x27;style&#x27;" in message
+    assert "Seed: run 7, form 0" in message and "Load run" in message and runs["value"] == "tok"
+    args = _form_args(name="tok", data_dir=data, width=64, height=64, template="style", seed=7, steps=30.0,
+                      learning_rate="0.002")
+    message, _ = webui_tab._resume_clicked(*args)
+    ((job, cfg, resume),) = no_jobs
+    assert resume and (cfg.steps, cfg.learning_rate, cfg.width, cfg.seed) == (30, "0.002", 64, 7)
+
+
+def test_load_run_fills_the_form_with_the_saved_config(host_folders, no_jobs):
+    saved = _saved_run(host_folders, width=64, height=64, steps=10, template="captions", train_encoders=["clip_g"],
+                       learning_rate="0.05:10, 0.005")
+    assert webui_tab._run_choices() == ["tok"]
+    message, *values = webui_tab._load_clicked("tok")
+    assert "Loaded the settings of tok" in message
+    form = dict(zip(webui_tab.FIELD_NAMES, values, strict=True))
+    assert (form["width"], form["template"], form["train_encoders"], form["output_dir"]) == (64, "captions", "clip_g",
+                                                                                            "tok")
+    loaded = webui_tab.config_from_values(values, False, [])
+    assert loaded.replace(output_dir=saved.output_dir) == saved
+    message, *values = webui_tab._load_clicked("")
+    assert "ti-trainer-error" in message and values == [{"__type__": "update"}] * len(webui_tab.FIELD_NAMES)
+    with pytest.raises(TIError, match="output_dir"):
+        runner.load_run("../elsewhere")
+
+
+@pytest.mark.parametrize(("family", "parameterization", "latent", "levels", "side"), [
+    ("sd1", "eps", 64, 4, 512), ("sd2", "v", 96, 4, 768), ("sd2", "eps", 64, 4, 512), ("sdxl", "eps", 0, 4, 1024),
+    ("sd1", "eps", 8, 4, 64)])  # the last: the micro model (8 latents, a 4-level VAE)
+def test_default_size_fits_the_loaded_model(family, parameterization, latent, levels, side, monkeypatch):
+    assert a1111.training_size(family, parameterization, latent, levels) == side
+    monkeypatch.setattr(a1111, "config_defaults", lambda: {})
+    monkeypatch.setattr(a1111, "loaded_model_size", lambda: side)
+    assert (webui_tab.form_defaults()["width"], webui_tab.form_defaults()["height"]) == (side, side)

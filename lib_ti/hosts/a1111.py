@@ -30,7 +30,7 @@ from ..engine import PreviewRequest, frozen_modules, max_row_norm
 from ..errors import TIError
 from ..families import FAMILIES
 from ..fileio import atomic_path, load_torch
-from ..options import field_help, field_label
+from ..options import field_label, field_ui_help
 from ..splice import spread_init_vectors
 
 OUTPUT_SUBDIR = ("textual_inversion", "ti-trainer")
@@ -617,7 +617,7 @@ def _setting_fields() -> list:
 def _settings_table() -> dict[str, tuple[object, str]]:
     table = dict(HOST_SETTINGS)
     for f in _setting_fields():
-        table[f.name] = (f.default, f"Default: {field_label(f)} ({field_help(f)})")
+        table[f.name] = (f.default, f"Default: {field_label(f)} ({field_ui_help(f)})")
     return table
 
 
@@ -756,6 +756,32 @@ def captioner(model: str | None) -> Iterator:
         yield per_image(host.generate_caption)
     finally:
         host.send_blip_to_ram()
+
+
+def training_size(family: str, parameterization: str = "eps", latent_side: int = 0, vae_levels: int = 4) -> int:
+    """The training size that fits a model: its family's (512 SD1, 768 SD2-v, 512 SD2-base, 1024 SDXL), or the
+    model's own sample size when its config says a smaller one (the micro model: 8 latents x 8 = 64)."""
+    side = FAMILIES[family].resolution if family in FAMILIES else 512
+    if family == "sd2" and parameterization != "v":
+        side = 512
+    if latent_side:
+        side = min(side, latent_side * 2 ** (vae_levels - 1))
+    return side
+
+
+def loaded_model_size() -> int | None:
+    """``training_size`` of the loaded checkpoint, without loading one (None when none is loaded)."""
+    from modules import sd_models, shared
+
+    model = sd_models.model_data.sd_model if hasattr(sd_models, "model_data") else shared.sd_model
+    if model is None:
+        return None
+    family = model_family(model)
+    latent = getattr(model, "image_size", 0)
+    encoder = getattr(getattr(model, "first_stage_model", None), "encoder", None)
+    levels = getattr(encoder, "num_resolutions", 4)
+    return training_size(family, getattr(model, "parameterization", "eps"),
+                         latent if isinstance(latent, int) else 0, levels if isinstance(levels, int) else 4)
 
 
 def loaded_family() -> str | None:

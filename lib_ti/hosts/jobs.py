@@ -22,6 +22,8 @@ from ..errors import TIError
 class Job:
     run_id: str
     name: str
+    task_id: str = ""  # the host's progress task (/internal/progress) the run holds the GPU queue lock under
+    settings: dict[str, Any] = field(default_factory=dict)  # the run's config, as the run panel shows it
     total_steps: int = 0
     state: str = "queued"  # queued | running | stopping | finished | stopped | failed
     step: int = 0
@@ -90,7 +92,8 @@ class Job:
     # ------------------------------------------------------------------ views out
     def status(self) -> dict[str, Any]:
         return {
-            "run_id": self.run_id, "name": self.name, "state": self.state, "step": self.step,
+            "run_id": self.run_id, "task_id": self.task_id, "name": self.name, "state": self.state,
+            "active": self.active, "step": self.step,
             "total_steps": self.total_steps, "loss": self.losses[-1][1] if self.losses else None,
             "learning_rate": self.lr, "images_per_s": round(self.images_per_s, 3),
             "eta_s": None if self.eta_s is None or self.eta_s != self.eta_s else round(self.eta_s, 1),

@@ -12,7 +12,7 @@ import typing
 from dataclasses import Field, fields
 from typing import Any
 
-from ..options import field_help, field_label
+from ..options import field_label, field_ui_help
 
 
 def ui_fields(cls: type, section: str | None = None) -> list[Field]:
@@ -30,7 +30,7 @@ def widget(cls: type, f: Field, default: Any, elem_id: str, **overrides: Any):
     import gradio as gr
 
     hint = typing.get_type_hints(cls)[f.name]
-    kwargs: dict[str, Any] = {"label": field_label(f), "info": field_help(f), "elem_id": elem_id} | overrides
+    kwargs: dict[str, Any] = {"label": field_label(f), "info": field_ui_help(f), "elem_id": elem_id} | overrides
     if typing.get_origin(hint) is typing.Literal:
         return gr.Dropdown(choices=list(typing.get_args(hint)), value=default, **kwargs)
     if hint is bool:
