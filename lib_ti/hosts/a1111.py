@@ -784,6 +784,13 @@ def loaded_model_size() -> int | None:
                          latent if isinstance(latent, int) else 0, levels if isinstance(levels, int) else 4)
 
 
+def computes_on_cpu() -> bool:
+    """Whether the host computes on the CPU (--use-cpu all, or no GPU): memory estimates then speak of RAM."""
+    from modules import devices
+
+    return getattr(devices.device, "type", "cpu") == "cpu"
+
+
 def loaded_family() -> str | None:
     """sd1/sd2/sdxl of the loaded checkpoint, without loading one (None when none is loaded)."""
     from modules import sd_models, shared

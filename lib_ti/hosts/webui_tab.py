@@ -356,7 +356,7 @@ def _check_clicked(*args):
         cfg, _ = _split(args)
         if a1111.ui_exposed():
             runner.check_readable(cfg)
-        report = check(cfg, family=a1111.loaded_family())
+        report = check(cfg, family=a1111.loaded_family(), on_cpu=a1111.computes_on_cpu())
     except TIError as exc:
         return _error_html(str(exc))
     cls = "ti-trainer-report" if report.ok else "ti-trainer-report ti-trainer-error"
