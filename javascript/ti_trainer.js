@@ -6,7 +6,7 @@
 // (requestProgress, as txt2img does): after a page reload the active run shows again by itself.
 // It also gives the tab the full width of the Train tab while it is the selected sub-tab.
 
-var ti_trainer = {attached: null, timer: null, fast: false};
+var ti_trainer = {attached: null, timer: null, last: null};
 
 function ti_trainer_el(name) {
     return gradioApp().getElementById('ti_trainer_' + name);
@@ -49,11 +49,26 @@ function ti_trainer_attach(status) {
     }, null, 60);
 }
 
+// The host's Textual Inversion cards (txt2img, img2img) re-read the embeddings folder on their refresh, which
+// reloads every embedding from disk: done when a run has ended (its live embedding is unregistered by then),
+// so the new embedding and its checkpoints show with their previews without a manual refresh.
+function ti_trainer_refresh_cards() {
+    ['txt2img', 'img2img'].forEach(function(tab) {
+        var button = gradioApp().getElementById(tab + '_textual_inversion_extra_refresh_internal');
+        if (button) button.dispatchEvent(new Event('click'));
+    });
+}
+
 function ti_trainer_tick() {
+    var status = ti_trainer_status();
+    if (ti_trainer.last && ti_trainer.last.active && ti_trainer.last.run_id === status.run_id && !status.active) {
+        ti_trainer_refresh_cards();
+    }
+    ti_trainer.last = status;
     if (!ti_trainer_visible()) return;
     var poll = ti_trainer_el('poll');
     if (poll) poll.click();
-    ti_trainer_attach(ti_trainer_status());
+    ti_trainer_attach(status);
 }
 
 function ti_trainer_poll_soon() {

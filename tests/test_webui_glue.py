@@ -408,3 +408,38 @@ def test_default_size_fits_the_loaded_model(family, parameterization, latent, le
     monkeypatch.setattr(a1111, "config_defaults", lambda: {})
     monkeypatch.setattr(a1111, "loaded_model_size", lambda: side)
     assert (webui_tab.form_defaults()["width"], webui_tab.form_defaults()["height"]) == (side, side)
+
+
+# ---------------------------------------------------------------------- checkpoints in txt2img
+def test_published_checkpoints_stay_and_carry_their_previews(host_folders, monkeypatch):
+    from lib_ti.checkpoints import checkpoint_dir
+
+    registered = []
+    monkeypatch.setattr(a1111, "register_file", lambda path: registered.append(path.name))
+    monkeypatch.setattr(a1111, "checkpoint_subdir", lambda: "ti-trainer")
+    monkeypatch.setattr(a1111, "progress_image", lambda image: None)
+    cfg = runner.resolve(TrainConfig(name="tok", data_dir=str(host_folders / "data"), keep_last=1), resume=False)
+    job = Job("tok-1", "tok")
+    publisher = runner._Publisher(job, cfg)
+    folder = checkpoint_dir(cfg.run_dir)
+    folder.mkdir(parents=True)
+    (cfg.run_dir / "previews").mkdir()
+    for step in (3, 6):
+        ckpt = folder / f"tok-{step}.safetensors"
+        ckpt.write_bytes(b"embedding %d" % step)
+        publisher.handle(events.Saved(step, ckpt, checkpoint=ckpt))
+        preview = cfg.run_dir / "previews" / f"tok-{step}.png"  # the loop saves first, then renders the preview
+        preview.write_bytes(b"png %d" % step)
+        publisher.handle(events.Preview(step, preview, image=None))
+        if step == 3:
+            ckpt.unlink()  # keep_last=1 prunes the run folder's checkpoint; its published copy must stay
+    final = cfg.run_dir / "tok.safetensors"
+    final.write_bytes(b"final")
+    publisher.handle(events.Saved(6, final, is_final=True, checkpoint=folder / "tok-6.safetensors"))
+    publisher.publish_final()
+    copies = host_folders / "embeddings" / "ti-trainer" / "tok"
+    assert (copies / "tok-3.safetensors").read_bytes() == b"embedding 3"  # still resolvable as tok-3
+    assert (copies / "tok-3.preview.png").read_bytes() == b"png 3"
+    assert (copies / "tok-6.preview.png").read_bytes() == b"png 6"
+    assert (host_folders / "embeddings" / "tok.preview.png").read_bytes() == b"png 6"
+    assert registered[-1] == "tok.safetensors" and "tok-3.safetensors" in registered

@@ -186,7 +186,12 @@ class WebuiEngine:
         live.vectors = next(iter(vectors.values())).shape[0]
 
     def live_embedding(self, token: str):
-        """Register (once per run) a host Embedding named ``token``; its ``vec`` is the trained tensor."""
+        """Register (once per run) a host Embedding named ``token``; its ``vec`` is the trained tensor. Registered
+        again when the host dropped it: its Textual Inversion cards' refresh reloads every embedding from disk."""
+        if self.live is not None and self.live.name == token and not _registered(self.live, token):
+            from modules import sd_hijack
+
+            sd_hijack.model_hijack.embedding_db.register_embedding(self.live, self.model)
         if self.live is None or self.live.name != token:
             from modules import sd_hijack
             from modules.textual_inversion.textual_inversion import Embedding as HostEmbedding
@@ -197,6 +202,12 @@ class WebuiEngine:
             sd_hijack.model_hijack.embedding_db.register_embedding(live, self.model)
             self.live = live
         return self.live
+
+
+def _registered(embedding, token: str) -> bool:
+    from modules import sd_hijack
+
+    return sd_hijack.model_hijack.embedding_db.word_embeddings.get(token) is embedding
 
 
 # Where the host's embedders keep their token-embedding layer: CLIP (SD1, SDXL's clip_l), OpenCLIP (SD2,
@@ -442,11 +453,15 @@ def ui_exposed() -> bool:
 
 def publish(path: Path, target: Path) -> Path:
     """Copy a saved embedding into the embeddings folder (atomically) and register it with the host now."""
+    copy_file(path, target)
+    register_file(target)
+    return target
+
+
+def copy_file(path: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp:
         shutil.copyfile(path, tmp)
-    register_file(target)
-    return target
 
 
 def register_file(path: Path) -> None:
@@ -461,14 +476,6 @@ def register_file(path: Path) -> None:
         raise TIError(f"{path.name} has width {emb.shape}, the loaded checkpoint expects {db.expected_shape}")
     db.register_embedding(emb, shared.sd_model)
     reset_conditioning_cache()
-
-
-def unregister(name: str) -> None:
-    from modules import sd_hijack, shared
-
-    db = sd_hijack.model_hijack.embedding_db
-    if name in db.word_embeddings:
-        db.register_embedding_by_name(None, shared.sd_model, name)
 
 
 def _read_for_host(path: Path) -> dict:
@@ -490,11 +497,6 @@ def loaded_embedding_file(name: str) -> str | None:
 
     emb = sd_hijack.model_hijack.embedding_db.word_embeddings.get(name)
     return getattr(emb, "filename", None) if emb is not None else None
-
-
-def remove_file(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
 
 
 # ---------------------------------------------------------------------- the host's job and progress

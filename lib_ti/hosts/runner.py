@@ -248,11 +248,19 @@ def run(job: Job, cfg: TrainConfig, *, resume: bool) -> Job:
 
 
 class _Publisher:
-    """Mirrors each saved checkpoint into the host's embeddings folder and keeps the host's progress current."""
+    """Mirrors each saved checkpoint into the host's embeddings folder and keeps the host's progress current.
+
+    Every published checkpoint copy stays while its file exists: the host matches embedding names by their
+    leading tokens, so once ``tok-150`` were gone, typing it would silently use ``tok`` with "-150" as plain
+    text. keep_last prunes only the run folder's checkpoint states (with optimizer state, the large files);
+    the copies are a few KB each. Each copy gets its step's preview beside it (``<name>.preview.png``, the
+    host's card preview convention), the final embedding the run's last preview.
+    """
 
     def __init__(self, job: Job, cfg: TrainConfig) -> None:
         self.job, self.cfg = job, cfg
         self.final: Path | None = None
+        self.copies: dict[int, Path] = {}  # step -> the checkpoint's copy in the embeddings folder
 
     def handle(self, event: object) -> None:
         self.job.handle(event)
@@ -262,25 +270,39 @@ class _Publisher:
             a1111.progress_step(event.step, event.total_steps, self.cfg.name)
         elif isinstance(event, events.Preview):
             a1111.progress_image(event.image)
+            if event.step in self.copies:
+                self._card_preview(Path(event.path), self.copies[event.step])
         elif isinstance(event, events.Saved):
             if event.is_final:
                 self.final = Path(event.path)
             if event.checkpoint is not None:  # the last step is a checkpoint like the others, final or not
-                self._publish_checkpoint(Path(event.checkpoint))
+                self._publish_checkpoint(event.step, Path(event.checkpoint))
 
-    def _publish_checkpoint(self, path: Path) -> None:
-        folder = checkpoint_folder(self.cfg)
-        self.job.published.append(a1111.publish(path, folder / path.name))
-        kept = {p.name for p in (self.cfg.run_dir / "checkpoints").glob(f"{self.cfg.name}-*.{self.cfg.save_format}")}
-        for copy in folder.glob(f"{self.cfg.name}-*.{self.cfg.save_format}"):
-            if copy.name not in kept:  # pruned by keep_last in the run folder: prune the copy too
-                a1111.unregister(copy.stem)
-                a1111.remove_file(copy)
+    def _publish_checkpoint(self, step: int, path: Path) -> None:
+        copy = a1111.publish(path, checkpoint_folder(self.cfg) / path.name)
+        self.job.published.append(copy)
+        self.copies[step] = copy
+        preview = self.job.previews[-1] if self.job.previews else None
+        if preview is not None and preview[0] == step:
+            self._card_preview(preview[1], copy)
+
+    def _card_preview(self, image: Path, embedding: Path) -> None:
+        if image.is_file():
+            a1111.copy_file(image, card_preview_path(embedding))
 
     def publish_final(self) -> None:
         if self.final is not None:
-            self.job.published.append(a1111.publish(self.final, final_target(self.cfg)))
-            self.job.final_path = final_target(self.cfg)
+            target = final_target(self.cfg)
+            self.job.published.append(a1111.publish(self.final, target))
+            self.job.final_path = target
+            if self.job.previews:
+                self._card_preview(self.job.previews[-1][1], target)
+
+
+def card_preview_path(embedding: Path) -> Path:
+    """Where the host's cards look for an embedding's preview: an image of the same name beside the file
+    (``.preview.png``: the host's loader skips those, where a plain .png could be read as an embedding)."""
+    return embedding.with_name(f"{embedding.stem}.preview.png")
 
 
 # ---------------------------------------------------------------------- run folders on disk
