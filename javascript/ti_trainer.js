@@ -65,7 +65,7 @@ function ti_trainer_tick() {
         ti_trainer_refresh_cards();
     }
     ti_trainer.last = status;
-    if (!ti_trainer_visible()) return;
+    if (!ti_trainer_visible() && !status.active) return;  // an active run is followed from any tab
     var poll = ti_trainer_el('poll');
     if (poll) poll.click();
     ti_trainer_attach(status);

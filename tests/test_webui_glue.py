@@ -443,3 +443,58 @@ def test_published_checkpoints_stay_and_carry_their_previews(host_folders, monke
     assert (copies / "tok-6.preview.png").read_bytes() == b"png 6"
     assert (host_folders / "embeddings" / "tok.preview.png").read_bytes() == b"png 6"
     assert registered[-1] == "tok.safetensors" and "tok-3.safetensors" in registered
+
+
+# ---------------------------------------------------------------------- the comparison grid
+def test_grid_prompts_name_each_checkpoint():
+    from lib_ti.hosts import compare
+
+    cfg = TrainConfig(name="tok", preview_prompt="a tok on a table")
+    assert compare.prompts_from("", cfg) == ["a tok on a table"]
+    assert compare.prompts_from("a [name] toy\n\n a photo of tok ", cfg) == ["a [name] toy", "a photo of tok"]
+    with pytest.raises(TIError, match="do not name the embedding"):
+        compare.prompts_from("a cat\na tokamak", cfg)  # "tokamak" is another word
+    assert compare.prompt_for("a [name] toy, tok style", "tok", "tok-500") == "a tok-500 toy, tok-500 style"
+    assert compare.prompt_for("a tok-100 and tok", "tok", "tok-500") == "a tok-100 and tok-500"
+    with pytest.raises(TIError, match="at most"):
+        compare.prompts_from("\n".join(["[name]"] * (compare.MAX_PROMPTS + 1)), cfg)
+
+
+def test_grid_renders_prompts_by_checkpoints_with_the_runs_preview_parameters(host_folders, no_jobs, monkeypatch):
+    from PIL import Image
+
+    from lib_ti.hosts import compare
+
+    monkeypatch.setattr(a1111, "checkpoint_subdir", lambda: "ti-trainer")
+    copies = host_folders / "embeddings" / "ti-trainer" / "tok"
+    copies.mkdir(parents=True)
+    for step in (100, 20):
+        (copies / f"tok-{step}.safetensors").write_bytes(b"x")
+    (copies / "tok-20.preview.png").write_bytes(b"png")  # a card preview is no checkpoint
+    (host_folders / "embeddings" / "tok.safetensors").write_bytes(b"x")
+    cfg = TrainConfig(name="tok", width=64, height=64, preview_steps=7, preview_seed=3, preview_sampler="DDIM")
+    assert compare.published_checkpoints(cfg) == ["tok-20", "tok-100", "tok"]
+    with pytest.raises(TIError, match="no published checkpoint named 'tok-30'"):
+        compare.checkpoints_from("tok-30", cfg)
+    shades = {"tok-20": 40, "tok-100": 120, "tok": 200}
+    requests = []
+
+    def txt2img(request):
+        requests.append(request)
+        name = next(n for n in sorted(shades, key=len, reverse=True) if n in request.prompt)
+        return Image.new("RGB", (request.width, request.height), (shades[name], 0, 0))
+
+    monkeypatch.setattr(a1111, "txt2img", txt2img)
+    path = compare.render_grid(cfg, "a [name] toy\na tok photo", "tok-20, tok")
+    assert [r.prompt for r in requests] == ["a tok-20 toy", "a tok toy", "a tok-20 photo", "a tok photo"]
+    assert {(r.steps, r.seed, r.sampler_name, r.width) for r in requests} == {(7, 3, "DDIM", 64)}
+    grid = Image.open(path)
+    left = grid.width - 2 * 64
+    assert grid.size == (left + 128, compare.LABEL_HEIGHT + 128)
+    assert grid.getpixel((left + 32, compare.LABEL_HEIGHT + 96))[0] == 40  # row 2, column tok-20
+    assert grid.getpixel((left + 96, compare.LABEL_HEIGHT + 32))[0] == 200  # row 1, column tok
+    assert path.parent == host_folders / "runs" / "tok" / "grids"
+    active = runner.new_job(TrainConfig(name="other"))
+    active.state = "running"
+    _, message = webui_tab._compare_clicked("", "", *_form_args(name="tok"))
+    assert "already active" in message and len(requests) == 4  # refused at once, nothing rendered

@@ -160,22 +160,8 @@ class WebuiEngine:
     @torch.no_grad()
     def render_preview(self, request: PreviewRequest, token: str, vectors: dict[str, torch.Tensor]):
         """A txt2img render through the host's own processing (sampler, CFG, seed), with the current vectors."""
-        from modules import processing, shared
-
         self.set_live(token, {k: v.detach() for k, v in vectors.items()})
-        reset_conditioning_cache()
-        # scheduler "Automatic": the host's default, named, so that it logs no "autocorrection" per preview.
-        p = processing.StableDiffusionProcessingTxt2Img(
-            sd_model=self.model, prompt=request.prompt, negative_prompt=request.negative_prompt,
-            steps=request.steps, sampler_name=request.sampler_name or "Euler", scheduler="Automatic",
-            cfg_scale=request.cfg_scale, seed=request.seed, width=request.width, height=request.height,
-            do_not_save_grid=True, do_not_save_samples=True, do_not_reload_embeddings=True)
-        with _job_state_kept(shared.state), _quiet_total_progress(shared), contextlib.closing(p):
-            processed = processing.process_images(p)
-        reset_conditioning_cache()
-        if not processed.images:
-            raise TIError("the preview render returned no image (interrupted?)")
-        return processed.images[0]
+        return _render(self.model, request)
 
     # ------------------------------------------------------------------ the live embedding
     def set_live(self, token: str, vectors: dict[str, torch.Tensor]) -> None:
@@ -202,6 +188,35 @@ class WebuiEngine:
             sd_hijack.model_hijack.embedding_db.register_embedding(live, self.model)
             self.live = live
         return self.live
+
+
+@torch.no_grad()
+def _render(sd_model, request: PreviewRequest):
+    """One image through the host's own txt2img processing, the training job's state kept around it."""
+    from modules import processing, shared
+
+    reset_conditioning_cache()
+    # scheduler "Automatic": the host's default, named, so that it logs no "autocorrection" per render.
+    p = processing.StableDiffusionProcessingTxt2Img(
+        sd_model=sd_model, prompt=request.prompt, negative_prompt=request.negative_prompt,
+        steps=request.steps, sampler_name=request.sampler_name or "Euler", scheduler="Automatic",
+        cfg_scale=request.cfg_scale, seed=request.seed, width=request.width, height=request.height,
+        do_not_save_grid=True, do_not_save_samples=True, do_not_reload_embeddings=True)
+    with _job_state_kept(shared.state), _quiet_total_progress(shared), contextlib.closing(p):
+        processed = processing.process_images(p)
+    reset_conditioning_cache()
+    if not processed.images:
+        raise TIError("the render returned no image (interrupted?)")
+    return processed.images[0]
+
+
+def txt2img(request: PreviewRequest):
+    """A render on the loaded checkpoint with the embeddings registered now (the comparison grid's cells)."""
+    from modules import shared
+
+    if shared.sd_model is None:
+        raise TIError("no checkpoint is loaded: pick one in the checkpoint list at the top of the page")
+    return _render(shared.sd_model, request)
 
 
 def _registered(embedding, token: str) -> bool:

@@ -104,6 +104,11 @@ def readable(field: str, value: str) -> Path:
     return path
 
 
+def resolve_run_dir(cfg: TrainConfig) -> Path:
+    """The run folder ``cfg`` names, under the output root."""
+    return _run_folder(cfg.output_dir or cfg.name)
+
+
 def _run_folder(value: str) -> Path:
     """A run folder under the output root: a relative name, or a path already inside the root (a saved run's)."""
     root = a1111.output_root()

@@ -24,7 +24,7 @@ from ..dataset.preflight import check
 from ..errors import TIError, shown
 from ..options import field_label, field_ui_help
 from ..templates import builtin_names
-from . import a1111, runner, webui_dataset
+from . import a1111, compare, runner, webui_dataset
 from .jobs import Job
 from .widgets import sections, ui_fields, values_to_options, widget
 
@@ -138,6 +138,16 @@ def build_controls(txt2img_params: list) -> None:
             gr.HTML(elem_id=element_id("live"), value="")
             panel = gr.HTML(elem_id=element_id("run"), value=panel_html(None))
             gallery = gr.Gallery(label="Previews by step", show_label=True, elem_id=element_id("gallery"), columns=4)
+            with gr.Accordion("Compare checkpoints", open=False, elem_id=element_id("compare_box")):
+                compare_prompts = gr.Textbox(label="Prompts", lines=3, elem_id=element_id("compare_prompts"),
+                                             placeholder="one a line, [name] where the embedding goes; empty: the "
+                                                         "run's preview prompt")
+                compare_checkpoints = gr.Textbox(label="Checkpoints", elem_id=element_id("compare_checkpoints"),
+                                                 placeholder="e.g. my-embedding-500, my-embedding; empty: every "
+                                                             "published checkpoint of the name above")
+                compare_button = gr.Button(value="Comparison grid", elem_id=element_id("compare"))
+                grid = gr.Image(label="Comparison grid", type="filepath", interactive=False,
+                                elem_id=element_id("grid"))
             task_id = gr.Textbox(visible=False, elem_id=element_id("task"), value="")
             status = gr.Textbox(visible=False, elem_id=element_id("status"), value="{}")
             poll = gr.Button(visible=False, elem_id=element_id("poll"))
@@ -148,7 +158,10 @@ def build_controls(txt2img_params: list) -> None:
     resume.click(fn=_resume_clicked, _js="ti_trainer_start", inputs=inputs, outputs=[message, runs], **quick)
     stop.click(fn=_stop_clicked, inputs=[], outputs=[message], **quick)
     poll.click(fn=_poll, inputs=[status], outputs=[status, panel, gallery], **quick)
-    create.click(fn=a1111.wrap_gpu_call(_create_clicked, [None]), inputs=inputs, outputs=[message, gallery])
+    # The host's GPU-call wrapper appends its timing to the last output, and puts None first on an error.
+    create.click(fn=a1111.wrap_gpu_call(_create_clicked, [_update()]), inputs=inputs, outputs=[task_id, message])
+    compare_button.click(fn=a1111.wrap_gpu_call(_compare_clicked, [_update()]),
+                         inputs=[compare_prompts, compare_checkpoints, *inputs], outputs=[grid, message])
     check.click(fn=_check_clicked, inputs=inputs, outputs=[message])
     load.click(fn=_load_clicked, inputs=[runs], outputs=[message, *[widgets[n] for n in FIELD_NAMES]], **quick)
     refresh_runs.click(fn=lambda: _update(choices=_run_choices()), inputs=[], outputs=[runs], **quick)
@@ -345,9 +358,20 @@ def _create_clicked(*args):
         cfg, _ = _split(args)
         path = runner.create_embedding(cfg)
     except TIError as exc:
-        return _error_html(str(exc)), None
-    return f"<p class='ti-trainer-info'>Created {html.escape(str(path))}: type <code>{html.escape(cfg.name)}</code> " \
-           "in a prompt to use it.</p>", None
+        return _update(), _error_html(str(exc))
+    return _update(), f"<p class='ti-trainer-info'>Created {html.escape(str(path))}: type " \
+                      f"<code>{html.escape(cfg.name)}</code> in a prompt to use it.</p>"
+
+
+def _compare_clicked(prompts: str, checkpoints: str, *args):
+    """Prompts x checkpoints through the host's txt2img, with the form's (a loaded run's) preview parameters."""
+    try:
+        runner.refuse_if_active()  # the GPU is the run's until it ends: refused now, not queued
+        cfg, _ = _split(args)
+        path = compare.render_grid(cfg, prompts, checkpoints)
+    except TIError as exc:
+        return _update(), _error_html(str(exc))
+    return str(path), f"<p class='ti-trainer-info'>Grid saved as {html.escape(str(path))}.</p>"
 
 
 def _check_clicked(*args):
