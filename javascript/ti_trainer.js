@@ -6,7 +6,7 @@
 // (requestProgress, as txt2img does): after a page reload the active run shows again by itself.
 // It also gives the tab the full width of the Train tab while it is the selected sub-tab.
 
-var ti_trainer = {attached: null, timer: null, last: null};
+var ti_trainer = {attached: null, timer: null, last: null, ended: {}};
 
 function ti_trainer_el(name) {
     return gradioApp().getElementById('ti_trainer_' + name);
@@ -37,13 +37,16 @@ function ti_trainer_status() {
 
 function ti_trainer_attach(status) {
     if (!status.active || !status.task_id || ti_trainer.attached === status.task_id) return;
+    if (ti_trainer.ended[status.task_id]) return;  // a poll answer older than the end of its task
     var anchor = ti_trainer_el('progressbar');
     var live = ti_trainer_el('live');
     if (!anchor || typeof requestProgress !== 'function') return;
     ti_trainer.attached = status.task_id;
     if (live) live.classList.add('ti-trainer-live-on');
-    requestProgress(status.task_id, anchor, live, function() {
+    var task = status.task_id;
+    requestProgress(task, anchor, live, function() {
         ti_trainer.attached = null;
+        ti_trainer.ended[task] = true;
         if (live) live.classList.remove('ti-trainer-live-on');
         ti_trainer_poll_soon();  // the final state, outcome and previews
     }, null, 60);
