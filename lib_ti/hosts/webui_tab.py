@@ -26,7 +26,7 @@ from ..options import field_label, field_ui_help
 from ..templates import builtin_names
 from . import a1111, compare, runner, webui_dataset
 from .jobs import Job
-from .widgets import sections, ui_fields, values_to_options, widget
+from .widgets import keep_out_of_ui_config, sections, ui_fields, values_to_options, widget
 
 TAB_TITLE = "Train Embedding"
 ELEM_PREFIX = "ti_trainer"
@@ -59,10 +59,13 @@ def on_ui_train_tabs(params) -> None:
     """Inside the host's Train tab: ``params.txt2img_preview_params`` feeds "previews from txt2img"."""
     import gradio as gr
     _state["in_train_tab"] = True
-    with gr.Tab(label=TAB_TITLE, id=element_id("tab"), elem_id=element_id("tab")):
+    with gr.Tab(label=TAB_TITLE, id=element_id("tab"), elem_id=element_id("tab")) as train_tab:
         build_controls(list(getattr(params, "txt2img_preview_params", []) or []))
-    with gr.Tab(label=webui_dataset.TAB_TITLE, id=element_id("dataset_tab"), elem_id=element_id("dataset_tab")):
+    with gr.Tab(label=webui_dataset.TAB_TITLE, id=element_id("dataset_tab"),
+                elem_id=element_id("dataset_tab")) as dataset_tab:
         webui_dataset.build_controls()
+    keep_out_of_ui_config(train_tab)
+    keep_out_of_ui_config(dataset_tab)
 
 
 def on_ui_tabs():
@@ -80,6 +83,7 @@ def _build():
                 build_controls([])
             with gr.Tab(label="Dataset", elem_id=element_id("dataset_tab")):
                 webui_dataset.build_controls()
+    keep_out_of_ui_config(block)
     return block
 
 
@@ -96,7 +100,11 @@ def form_defaults() -> dict[str, typing.Any]:
 
 def build_controls(txt2img_params: list) -> None:
     import gradio as gr
-    defaults = form_defaults()
+    defaults: dict[str, typing.Any] = form_defaults()
+    # The size fits the model loaded when the page loads (Gradio calls a callable value then): the webui
+    # builds the page while its first checkpoint is still loading.
+    defaults["width"] = lambda: form_defaults()["width"]
+    defaults["height"] = lambda: form_defaults()["height"]
     widgets: dict[str, typing.Any] = {}
     with gr.Row(equal_height=False, elem_id=element_id("main")):
         with gr.Column(scale=3, elem_id=element_id("settings")):

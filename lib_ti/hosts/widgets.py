@@ -53,3 +53,12 @@ def values_to_options(cls: type, values: dict[str, Any]) -> dict[str, Any]:
             value = ""
         out[name] = value
     return out
+
+
+def keep_out_of_ui_config(block: Any) -> None:
+    """Mark ``block`` and every component inside it ``do_not_save_to_config``: the webui keys its ui-config.json
+    by tab and label ("train/Max steps/value"), so without this our controls would take the defaults of the
+    host's own Train tab controls of the same label (Max steps 100000, 512x512), not ours and the model's."""
+    block.do_not_save_to_config = True
+    for child in getattr(block, "children", []) or []:
+        keep_out_of_ui_config(child)
