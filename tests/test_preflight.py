@@ -125,6 +125,13 @@ def test_memory_estimate_follows_the_documented_formula():
     sdxl = estimate_memory(config(".", width=1024, height=1024))
     assert sdxl.family == "sdxl" and sdxl.guessed and 12 < sdxl.total_gib < 20
     assert "guessed from the resolution" in sdxl.describe()
+    assert "GPU memory" in sd1.describe() and "CPU" not in sd1.describe()
+
+
+def test_memory_estimate_on_the_cpu_speaks_of_ram_and_float32_weights():
+    cpu = estimate_memory(config(".", width=512, height=512), "sd1", on_cpu=True)
+    assert cpu.weights_gib == pytest.approx((983 * 4 + 84 * 4) * 1e6 / 2**30)
+    assert "RAM (the run computes on the CPU)" in cpu.describe() and "GPU" not in cpu.describe()
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
