@@ -205,4 +205,4 @@ def test_a_resume_request_continues_the_runs_own_config(host_folders):
         runner.request_config({"name": "tok", "seed": 1}, resume=True)
     with pytest.raises(TIError, match="nothing to resume"):
         runner.request_config({"name": "other"}, resume=True)
-    assert runner.request_config({"name": "tok", "steps": 3}, resume=False).template == "object"  # a new run
+    assert runner.request_config({"name": "tok", "steps": 3}, resume=False).template == "auto"  # a new run
