@@ -70,7 +70,8 @@ class TrainConfig:
                             label="Continue from embedding (optional)", section=BASICS, path=True)
     data_dir: str = option("", "folder of images, with optional .txt captions or metadata.jsonl",
                            label="Dataset folder", section=BASICS, aliases=("--data",), path=True)
-    template: str = option("object", "built-in set (object, style, *_filewords, captions, name) or a file",
+    template: str = option("auto", "auto = use the images' captions if any (captions, object_filewords), else object; "
+                           "or a built-in set (object, style, *_filewords, captions, name) or a file",
                            label="Prompt template", section=BASICS)
     model: str = option("", "standalone engine: diffusers folder or single-file checkpoint", ui=False, path=True)
 

@@ -70,7 +70,7 @@ def train(engine: Engine, cfg: TrainConfig, *, data: TrainingData | None = None,
         with engine.frozen():
             engine.set_gradient_checkpointing(cfg.gradient_checkpointing)
             run = _Run.resume(engine, cfg, data, emit) if resume else _Run.start(engine, cfg, data, emit)
-            emit(events.Started(run.step, run.total, data.num_images, len(data.samples), run.notes,
+            emit(events.Started(run.step, run.total, data.num_images, len(data.samples), [*data.notes, *run.notes],
                                 time.perf_counter() - t_start))
             reason = run.loop_keeping_progress(should_stop)
         final_path = run.save_final()

@@ -197,7 +197,7 @@ def test_bench_quality_compares_trainer_settings_but_keeps_its_own(tmp_path):
         train_config(QualityConfig(train_settings=(("nonsense", 1),)), "m", tmp_path, "run")
     with pytest.raises(TIError, match="KEY=VALUE"):
         parse_train_settings(["template"])
-    # every image has the caption that names all but the concept; the default templates ignore it
+    # every image has the caption that names all but the concept; the default template (auto) trains with them
     write_concept_images(QualityConfig(num_images=3), tmp_path / "images")
     captions = sorted(p.read_text().strip() for p in (tmp_path / "images").glob("*.txt"))
     assert len(captions) == 3 and all(c.startswith("a ") and " [name] on a " in c for c in captions), captions

@@ -92,6 +92,20 @@ def test_captions_that_never_name_the_trigger(tmp_path):
                                "nor 'my-cup': 01.png; put [name] in them"]
     ignored = check(config(data, template="object"))
     assert ignored.ok and any("2 image(s) have captions but template 'object'" in w for w in ignored.warnings)
+    auto = check(config(data))  # the default, auto: captions that do not all name it go after "a photo of a [name], "
+    assert auto.ok and auto.template == "object_filewords" and "template 'object_filewords' uses them" in auto.format()
+    assert "template auto: 2 of 2 images have a caption" in auto.format()
+
+
+def test_auto_template_without_captions_and_with_named_ones(tmp_path):
+    data = draw_images(tmp_path / "imgs", 2, 64)
+    plain = check(config(data))
+    assert plain.ok and plain.template == "object" and plain.to_dict()["template"] == "object"
+    assert plain.templates[0] == "a photo of a [name]" and "no image has a caption" in plain.format()
+    for i in range(2):
+        (data / f"0{i}.txt").write_text(f"a red [name] number {i}")
+    named = check(config(data))
+    assert named.ok and named.templates == ["[filewords]"] and "each caption is the training prompt" in named.format()
 
 
 @pytest.mark.parametrize(("changes", "warning"), [

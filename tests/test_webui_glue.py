@@ -206,7 +206,7 @@ def test_a_resume_request_continues_the_runs_own_config(host_folders):
         runner.request_config({"name": "tok", "seed": 1}, resume=True)
     with pytest.raises(TIError, match="nothing to resume"):
         runner.request_config({"name": "other"}, resume=True)
-    assert runner.request_config({"name": "tok", "steps": 3}, resume=False).template == "object"  # a new run
+    assert runner.request_config({"name": "tok", "steps": 3}, resume=False).template == "auto"  # a new run
 
 
 # ---------------------------------------------------------------------- the host's progress and stop flags
@@ -498,3 +498,23 @@ def test_grid_renders_prompts_by_checkpoints_with_the_runs_preview_parameters(ho
     active.state = "running"
     _, message = webui_tab._compare_clicked("", "", *_form_args(name="tok"))
     assert "already active" in message and len(requests) == 4  # refused at once, nothing rendered
+
+
+def test_scoring_in_the_webui_waits_for_training_and_tables_the_scores(tmp_path, monkeypatch):
+    from lib_ti.hosts import scoring
+    from lib_ti.scoring.score import CheckpointScore, ScoreReport
+
+    job = runner.new_job(TrainConfig(name="busy"))
+    job.state = "running"
+    try:
+        with pytest.raises(TIError, match="a training run is active \\(busy\\)"):
+            scoring.score_run_folder(tmp_path)
+    finally:
+        job.finish(stopped=True)
+    with pytest.raises(TIError, match="not a training run folder"):  # before the host's model is touched
+        scoring.score_run_folder(tmp_path)
+    rows = [CheckpointScore(100, "a/tok-100.safetensors", 0.61, 0.28, 1.0),
+            CheckpointScore(200, "a/tok-200.safetensors", 0.66, 0.27, 1.3)]
+    table = scoring.report_markdown(ScoreReport("a", "tok", "clip", "a photo of a tok", ["x [name]"], 2, 5, rows, 200))
+    assert "| 100 | 0.610 | 0.280 | 1.00 |" in table and "| **200** (recommended) | **0.660** |" in table
+    assert "Recommended: step 200, `a/tok-200.safetensors`" in table

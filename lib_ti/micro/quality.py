@@ -36,10 +36,10 @@ from ..engines.standalone import StandaloneEngine
 from ..errors import TIError
 from ..fileio import write_text
 from ..formats.embeddings import load_embedding
+from ..grid import image_grid, save_png
 from ..trainer import train
 from .classifier import classify
 from .evaluate import Case, render, score
-from .grid import image_grid, save_png
 from .shapes import COLOUR_NAMES, SHAPES, draw, random_scene
 
 TOKEN_TEMPLATES = (
