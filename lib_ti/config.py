@@ -113,7 +113,7 @@ class TrainConfig:
                                  section=LORA)
     lora_targets: list[str] = option(help="layers with adapters: attn (UNet attention projections), ff (UNet "
                                      "feed-forward), text (text encoders' attention)", factory=lambda: ["attn"],
-                                     label="LoRA targets", section=LORA)
+                                     label="LoRA targets", section=LORA, choices=LORA_TARGETS)
     lora_learning_rate: str = option("0.0001", "the LoRA's schedule, same syntax as the learning rate (prodigy: 1.0)",
                                      label="LoRA learning rate", section=LORA, resume=True)
     ti_fraction: float = option(0.5, "the embedding trains for this fraction of the planned steps, then only the "

@@ -191,3 +191,13 @@ def test_lora_options_are_checked_before_any_work(changes, message):
 def test_lora_alpha_zero_means_the_rank():
     assert TrainConfig(lora_rank=8).lora_scale_alpha == 8.0
     assert TrainConfig(lora_rank=8, lora_alpha=1.0).lora_scale_alpha == 1.0
+
+
+def test_an_existing_lora_is_never_replaced_unless_asked(tmp_path):
+    from lib_ti.runfolder import check_new_run
+
+    cfg = TrainConfig(name="tok", output_dir=str(tmp_path), mode="pivotal")
+    (tmp_path / "tok-lora.safetensors").write_bytes(b"x")
+    with pytest.raises(TIError, match="a LoRA of 'tok' already exists"):
+        check_new_run(cfg)
+    check_new_run(cfg.replace(overwrite=True))
