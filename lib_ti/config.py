@@ -30,6 +30,8 @@ Crop = Literal["center", "random", "squash"]
 LatentSampling = Literal["random", "deterministic", "once"]
 Optimizer = Literal["adamw", "prodigy"]
 SaveFormat = Literal["safetensors", "pt"]
+Mode = Literal["embedding", "pivotal"]
+LORA_TARGETS = ("attn", "ff", "text")  # formats.lora.TARGET_PATTERNS names the layers of each
 
 # Prompt names match as text in prompts: keep them to characters every host and file system accepts
 # (matched whole: "$" would let a final newline through), and never a name Windows reserves for a device
@@ -49,7 +51,7 @@ MAX_CONFIG_FILE = 1024 * 1024  # bytes of a --config file
 
 
 # Sections group the fields in the webui tab: basics on top, the others folded.
-BASICS, TRAINING, DATA, SAVING = "Basics", "Training", "Data", "Saving and previews"
+BASICS, TRAINING, LORA, DATA, SAVING = "Basics", "Training", "LoRA (pivotal mode)", "Data", "Saving and previews"
 # Field metadata: resume=True may change when a run is resumed (how long, the schedules, how often to
 # save, log and preview: nothing that changes what a step computes); path=True compares as a path.
 
@@ -74,6 +76,9 @@ class TrainConfig:
                            "or a built-in set (object, style, *_filewords, captions, name) or a file",
                            label="Prompt template", section=BASICS)
     model: str = option("", "standalone engine: diffusers folder or single-file checkpoint", ui=False, path=True)
+    mode: Mode = option("embedding", "embedding = textual inversion alone; pivotal = the embedding and a LoRA "
+                        "trained together (pivotal tuning): two files, <name> and <lora:<name>-lora:1>",
+                        label="Training mode", section=BASICS)
 
     # How long and how fast
     steps: int = option(1000, "optimizer steps (the learning-rate schedule may end training earlier)",
@@ -97,11 +102,29 @@ class TrainConfig:
                                   setting=True)
     gradient_checkpointing: bool = option(False, "trade ~45% speed for memory; only when memory asks",
                                           section=TRAINING)
+    noise_offset: float = option(0.0, "0 = off; 0.05-0.1 lets the model learn darker and brighter images than "
+                                 "plain noise allows (added per image and channel)", section=TRAINING)
     seed: int = option(0, "seeds data order, noise and timesteps: same seed, same run", section=TRAINING)
     train_encoders: list[str] = option(help="SDXL: subset of clip_l/clip_g to train; [] = all", factory=list,
                                        label="Text encoders to train", section=TRAINING,
                                        ui_help="SDXL: train both encoders' vectors, or one (the other keeps its "
                                        "initial vectors)")
+
+    # The LoRA trained with the embedding (mode pivotal)
+    lora_rank: int = option(4, "rank of each adapter: more = more capacity, a larger file", label="LoRA rank",
+                            section=LORA)
+    lora_alpha: float = option(0.0, "adapter scale alpha/rank; 0 = the rank (scale 1)", label="LoRA alpha",
+                               section=LORA)
+    lora_dropout: float = option(0.0, "dropout on each adapter's input while training", label="LoRA dropout",
+                                 section=LORA)
+    lora_targets: list[str] = option(help="layers with adapters: attn (UNet attention projections), ff (UNet "
+                                     "feed-forward), text (text encoders' attention)", factory=lambda: ["attn"],
+                                     label="LoRA targets", section=LORA, choices=LORA_TARGETS)
+    lora_learning_rate: str = option("0.0001", "the LoRA's schedule, same syntax as the learning rate (prodigy: 1.0)",
+                                     label="LoRA learning rate", section=LORA, resume=True)
+    ti_fraction: float = option(0.5, "the embedding trains for this fraction of the planned steps, then only the "
+                                "LoRA does (the pivotal-tuning recipe uses 0.5)", label="Embedding fraction",
+                                section=LORA)
 
     # Data
     width: int = option(512, "training width in pixels (multiple of 8)", section=DATA)
@@ -204,6 +227,9 @@ class TrainConfig:
         if unknown:
             _bad("train_encoders", self.train_encoders, "name encoders among clip_l, clip_g (SDXL) or leave it empty")
         self._check_buckets()
+        self._check_lora()
+        if not 0.0 <= self.noise_offset <= 1.0:
+            _bad("noise_offset", self.noise_offset, "use 0 (off) or a small number such as 0.05 (at most 1)")
         parse_schedule(self.learning_rate, what="learning rate")
         parse_schedule(self.clip_value, what="clip value")
 
@@ -214,6 +240,18 @@ class TrainConfig:
         if self.name.split(".")[0].strip().lower() in WINDOWS_RESERVED:
             _bad("name", self.name, "Windows reserves it for a device (con, prn, aux, nul, com1-9, lpt1-9, also "
                  "before a dot), so no file can have it; choose another name")
+
+    def _check_lora(self) -> None:
+        _at_least(self, "lora_rank", 1, at_most=1024)
+        if self.lora_alpha < 0:
+            _bad("lora_alpha", self.lora_alpha, "use 0 (= the rank) or a positive number")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            _bad("lora_dropout", self.lora_dropout, "use a probability in [0, 1)")
+        if not self.lora_targets or set(self.lora_targets) - set(LORA_TARGETS):
+            _bad("lora_targets", self.lora_targets, f"name one or more of {', '.join(LORA_TARGETS)}")
+        if not 0.0 < self.ti_fraction <= 1.0:
+            _bad("ti_fraction", self.ti_fraction, "use a fraction in (0, 1]; 1 trains the embedding to the end")
+        parse_schedule(self.lora_learning_rate, what="LoRA learning rate")
 
     def _check_buckets(self) -> None:
         check_bucket_sides("config", self.bucket_min_side, self.bucket_max_side)
@@ -234,6 +272,15 @@ class TrainConfig:
     def bucket_list(self) -> list[tuple[int, int]]:
         """The (width, height) buckets of this run; [] when buckets are off."""
         return bucket_sizes(self.width, self.height, self.bucket_min_side, self.bucket_max_side) if self.buckets else []
+
+    @property
+    def is_pivotal(self) -> bool:
+        return self.mode == "pivotal"
+
+    @property
+    def lora_scale_alpha(self) -> float:
+        """The alpha written into the LoRA file: ``lora_alpha``, or the rank when it is 0."""
+        return self.lora_alpha or float(self.lora_rank)
 
     @property
     def planned_steps(self) -> int:

@@ -30,6 +30,7 @@ from ..engine import PreviewRequest, frozen_modules, max_row_norm
 from ..errors import TIError
 from ..families import FAMILIES
 from ..fileio import atomic_path, load_torch
+from ..formats.lora import UNET, kohya_name, matches, text_kohya_name
 from ..options import field_label, field_ui_help
 from ..splice import spread_init_vectors
 
@@ -162,6 +163,20 @@ class WebuiEngine:
         """A txt2img render through the host's own processing (sampler, CFG, seed), with the current vectors."""
         self.set_live(token, {k: v.detach() for k, v in vectors.items()})
         return _render(self.model, request)
+
+    def lora_modules(self, targets: list[str]) -> dict[str, torch.nn.Linear]:
+        """The host's ldm/sgm modules are named as kohya names them: ``lora_unet_`` + their path."""
+        unet_targets = [t for t in targets if t != "text"]
+        found = {kohya_name(UNET, path): module for path, module in self.model.model.diffusion_model.named_modules()
+                 if isinstance(module, torch.nn.Linear) and matches(unet_targets, path)}
+        if "text" in targets:
+            if self.family != "sd1":
+                raise TIError("LoRA target 'text' works in the webui on SD1.x checkpoints only (the OpenCLIP encoders "
+                              "of SD2 and SDXL keep q, k and v in one fused layer): leave 'text' out")
+            encoder = self.embedders["clip_l"].wrapped.transformer  # transformers' CLIPTextModel
+            found.update({text_kohya_name("lora_te", path): module for path, module in encoder.named_modules()
+                          if isinstance(module, torch.nn.Linear) and matches(["text"], path)})
+        return found
 
     # ------------------------------------------------------------------ the live embedding
     def set_live(self, token: str, vectors: dict[str, torch.Tensor]) -> None:

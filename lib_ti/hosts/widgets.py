@@ -33,6 +33,8 @@ def widget(cls: type, f: Field, default: Any, elem_id: str, **overrides: Any):
     kwargs: dict[str, Any] = {"label": field_label(f), "info": field_ui_help(f), "elem_id": elem_id} | overrides
     if typing.get_origin(hint) is typing.Literal:
         return gr.Dropdown(choices=list(typing.get_args(hint)), value=default, **kwargs)
+    if typing.get_origin(hint) is list and f.metadata.get("choices"):
+        return gr.CheckboxGroup(choices=list(f.metadata["choices"]), value=default, **kwargs)
     if hint is bool:
         return gr.Checkbox(value=default, **kwargs)
     if hint is int:
