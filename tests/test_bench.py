@@ -68,13 +68,17 @@ def test_the_suite_stops_starting_rows_when_the_budget_is_spent_and_keeps_each_r
     monkeypatch.setattr(suite.time, "monotonic", lambda: clock[0])
     rows = [SpeedSettings(arch="sd15", resolution=512, precision="bf16", batch_size=b) for b in (1, 4, 8)]
 
+    timeouts = []
+
     def figures_for(settings, timeout):
+        timeouts.append(timeout)
         clock[0] += 50.0  # each row takes 50 s
         if settings.batch_size == 4:
             return None, "torch.OutOfMemoryError: CUDA out of memory"
         return _figures(10.0), ""
 
-    results = suite.run_suite(rows, tmp_path, budget_s=110, run_one=_fake_run_one(figures_for))
+    results = suite.run_suite(rows, tmp_path, budget_s=110, row_timeout_s=80, run_one=_fake_run_one(figures_for))
+    assert timeouts == [80, 60]  # a row's own limit, then what is left of the budget
     assert [r.figures is not None for r in results] == [True, False, False]
     assert results[1].error.startswith("torch.OutOfMemoryError")
     assert results[2].error == "not run: the time budget was spent"  # 10 s left: no model build fits

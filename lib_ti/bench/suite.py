@@ -67,10 +67,11 @@ class Row:
         return " ".join(parts)
 
 
-def run_suite(rows: list[SpeedSettings], out: Path, *, budget_s: float,
+def run_suite(rows: list[SpeedSettings], out: Path, *, budget_s: float, row_timeout_s: float = 150,
               run_one: Callable[[SpeedSettings, Path, float], tuple[dict | None, str]] | None = None) -> list[Row]:
     """Run each configuration while the budget lasts; ``run_one(settings, json_path, timeout) -> (figures,
-    error)`` defaults to a fresh ``python -m lib_ti bench speed`` process."""
+    error)`` defaults to a fresh ``python -m lib_ti bench speed`` process. No row may take more than
+    ``row_timeout_s``: a compile that hangs must not eat the rows after it."""
     run_one = run_one or _run_in_process_of_its_own
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + budget_s
@@ -82,7 +83,7 @@ def run_suite(rows: list[SpeedSettings], out: Path, *, budget_s: float,
             row.error = "not run: the time budget was spent"
         else:
             say(f"suite {i + 1}/{len(rows)}: {row.label}")
-            row.figures, row.error = run_one(settings, out / f"row-{i + 1:02d}.json", left)
+            row.figures, row.error = run_one(settings, out / f"row-{i + 1:02d}.json", min(left, row_timeout_s))
         results.append(row)
     return results
 
@@ -96,7 +97,7 @@ def _run_in_process_of_its_own(settings: SpeedSettings, json_path: Path, timeout
     try:
         proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return None, f"stopped after {timeout:.0f} s: the time budget was spent"
+        return None, f"stopped after {timeout:.0f} s (the row's time limit or the suite's budget)"
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
         return None, lines[-1][:300] if lines else f"exit code {proc.returncode}"
@@ -159,7 +160,7 @@ def format_table(results: list[Row], peaks: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def run(preset: str, out: Path, *, budget_s: float, only: list[int] | None = None) -> str:
+def run(preset: str, out: Path, *, budget_s: float, row_timeout_s: float = 150, only: list[int] | None = None) -> str:
     """The whole suite: peaks, rows, the table (also written to ``out/suite.md`` and ``out/suite.json``)."""
     if preset not in PRESETS:
         raise TIError(f"bench suite --preset {preset!r} is unknown: use one of {', '.join(PRESETS)}")
@@ -171,7 +172,7 @@ def run(preset: str, out: Path, *, budget_s: float, only: list[int] | None = Non
         rows = [rows[i - 1] for i in only]
     device = rows[0].device
     peaks: dict[str, float] = {p: matmul_peak_tflops(device, p) for p in sorted({r.precision for r in rows})}
-    results = run_suite(rows, out, budget_s=budget_s)
+    results = run_suite(rows, out, budget_s=budget_s, row_timeout_s=row_timeout_s)
     table = format_table(results, peaks)
     out.mkdir(parents=True, exist_ok=True)
     (out / "suite.md").write_text(table + "\n")

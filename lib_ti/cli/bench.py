@@ -78,6 +78,8 @@ def _add_suite(kinds) -> None:
                        help="gpu: SD1.5-size and SDXL-size random-weight models; cpu: the same on tiny models")
     suite.add_argument("--budget", type=float, default=450, help="seconds for the whole suite; rows that no longer "
                        "fit are listed as not run")
+    suite.add_argument("--row-timeout", type=float, default=150, help="seconds one row may take (a compile that "
+                       "hangs stops there)")
     suite.add_argument("--only", type=int, nargs="+", help="run only these rows of the preset (1-based)")
     suite.add_argument("--out", default="bench-suite", help="folder for suite.md, suite.json and each row's JSON")
     suite.set_defaults(run=run_suite)
@@ -86,7 +88,8 @@ def _add_suite(kinds) -> None:
 def run_suite(args: argparse.Namespace) -> int:
     from ..bench import suite  # heavy: torch
 
-    print(suite.run(args.preset, Path(args.out), budget_s=args.budget, only=args.only))
+    print(suite.run(args.preset, Path(args.out), budget_s=args.budget, row_timeout_s=args.row_timeout,
+                     only=args.only))
     return 0
 
 
