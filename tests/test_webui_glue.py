@@ -206,3 +206,23 @@ def test_a_resume_request_continues_the_runs_own_config(host_folders):
     with pytest.raises(TIError, match="nothing to resume"):
         runner.request_config({"name": "other"}, resume=True)
     assert runner.request_config({"name": "tok", "steps": 3}, resume=False).template == "object"  # a new run
+
+
+def test_pivotal_run_publishes_its_lora_and_protects_an_existing_one(host_folders, monkeypatch, tmp_path):
+    loras = host_folders / "models" / "Lora"
+    monkeypatch.setattr(a1111, "lora_dir", lambda: loras)
+    published: list[tuple[Path, Path]] = []
+    monkeypatch.setattr(a1111, "publish", lambda path, target: published.append((path, target)) or target)
+    monkeypatch.setattr(a1111, "publish_lora", lambda path, target: published.append((path, target)) or target)
+    cfg = TrainConfig(name="tok", data_dir=str(host_folders / "data"), mode="pivotal")
+    publisher = runner._Publisher(Job("tok-1", "tok"), cfg)
+    monkeypatch.setattr(publisher, "_publish_checkpoint", lambda path: None)
+    publisher.handle(events.Saved(4, tmp_path / "tok.safetensors", True, None, tmp_path / "tok-lora.safetensors"))
+    publisher.publish_final()
+    assert published == [(tmp_path / "tok.safetensors", host_folders / "embeddings" / "tok.safetensors"),
+                         (tmp_path / "tok-lora.safetensors", loras / "tok.safetensors")]  # <lora:tok:1> and tok
+    loras.mkdir(parents=True)
+    (loras / "tok.safetensors").write_bytes(b"x")
+    with pytest.raises(TIError, match="a LoRA named 'tok' already exists"):
+        runner.resolve(cfg, resume=False)
+    assert runner.resolve(cfg.replace(mode="embedding"), resume=False)  # an embedding run leaves it alone

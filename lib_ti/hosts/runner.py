@@ -139,6 +139,9 @@ def _init_file(init_from: str, *, confined: bool = True) -> str:
 
 
 def _refuse_existing(cfg: TrainConfig) -> None:
+    if cfg.is_pivotal and final_lora_target(cfg).exists():
+        raise TIError(f"a LoRA named {cfg.name!r} already exists ({final_lora_target(cfg)}): choose another name, "
+                      "resume its run, or tick Overwrite")
     target = final_target(cfg)
     existing = target if target.exists() else a1111.loaded_embedding_file(cfg.name)
     if existing and cfg.init_from and Path(cfg.init_from).resolve() == Path(existing).resolve():
@@ -151,6 +154,11 @@ def _refuse_existing(cfg: TrainConfig) -> None:
 
 def final_target(cfg: TrainConfig) -> Path:
     return a1111.embeddings_dir() / f"{cfg.name}.{cfg.save_format}"
+
+
+def final_lora_target(cfg: TrainConfig) -> Path:
+    """A pivotal run's LoRA in the host's Lora folder, named like the embedding: ``<lora:name:1>`` plus ``name``."""
+    return a1111.lora_dir() / f"{cfg.name}.safetensors"
 
 
 def checkpoint_folder(cfg: TrainConfig) -> Path:
@@ -222,6 +230,7 @@ class _Publisher:
     def __init__(self, job: Job, cfg: TrainConfig) -> None:
         self.job, self.cfg = job, cfg
         self.final: Path | None = None
+        self.final_lora: Path | None = None
 
     def handle(self, event: object) -> None:
         self.job.handle(event)
@@ -234,6 +243,7 @@ class _Publisher:
         elif isinstance(event, events.Saved):
             if event.is_final:
                 self.final = Path(event.path)
+                self.final_lora = Path(event.lora) if event.lora is not None else None
             if event.checkpoint is not None:  # the last step is a checkpoint like the others, final or not
                 self._publish_checkpoint(Path(event.checkpoint))
 
@@ -250,3 +260,5 @@ class _Publisher:
         if self.final is not None:
             self.job.published.append(a1111.publish(self.final, final_target(self.cfg)))
             self.job.final_path = final_target(self.cfg)
+        if self.final_lora is not None:
+            self.job.published.append(a1111.publish_lora(self.final_lora, final_lora_target(self.cfg)))
