@@ -226,3 +226,5 @@ def test_pivotal_run_publishes_its_lora_and_protects_an_existing_one(host_folder
     with pytest.raises(TIError, match="a LoRA named 'tok' already exists"):
         runner.resolve(cfg, resume=False)
     assert runner.resolve(cfg.replace(mode="embedding"), resume=False)  # an embedding run leaves it alone
+    with pytest.raises(TIError, match="gradient_checkpointing=True is invalid with mode pivotal"):
+        runner.resolve(cfg.replace(overwrite=True, gradient_checkpointing=True), resume=False)

@@ -59,6 +59,11 @@ def resolve(cfg: TrainConfig, *, resume: bool, confined: bool = True) -> TrainCo
     if cfg.model:
         raise TIError(f"config model={shown(cfg.model)} is invalid here: the webui trains on the checkpoint it has "
                       "loaded; leave model empty and pick the checkpoint at the top of the page")
+    if cfg.is_pivotal and cfg.gradient_checkpointing:
+        # ldm's checkpointing (reentrant) drops the gradients of blocks whose inputs need none, and sgm's own
+        # CheckpointFunction computes gradients only for a block's inputs and own parameters: not the adapters'.
+        raise TIError("config gradient_checkpointing=True is invalid with mode pivotal in the webui: the host's "
+                      "checkpointing would not pass the LoRA's gradients; turn it off (headless runs can use it)")
     cfg = cfg.replace(output_dir=str(_run_folder(cfg.output_dir or cfg.name)),
                       init_from=_init_file(cfg.init_from, confined=confined))
     if confined:
