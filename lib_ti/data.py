@@ -8,7 +8,15 @@ from dataclasses import dataclass
 from .config import TrainConfig
 from .images import DatasetOptions, Sample, discover, load_samples
 from .samplers import BucketSampler, SampleSampler
-from .templates import check_captions, check_templates, load_templates, pick_template, render_caption
+from .templates import (
+    check_captions,
+    check_templates,
+    is_auto,
+    load_templates,
+    pick_template,
+    render_caption,
+    resolve_template,
+)
 
 
 @dataclass
@@ -17,6 +25,8 @@ class TrainingData:
     samples: list[Sample]
     templates: list[str]
     sampler: SampleSampler
+    template: str = ""  # the template set trained with: cfg.template, or the set ``auto`` chose
+    notes: tuple[str, ...] = ()  # what the user should know, e.g. which set ``auto`` chose
 
     @property
     def num_images(self) -> int:
@@ -42,10 +52,14 @@ def dataset_options(cfg: TrainConfig) -> DatasetOptions:
 
 def prepare_data(cfg: TrainConfig) -> TrainingData:
     """Read templates, captions and images; every problem is reported here, before the model is touched."""
-    templates = check_templates(load_templates(cfg.template), source=f"template {cfg.template!r}")
+    if not is_auto(cfg.template):  # a bad template file is reported before the images are read
+        check_templates(load_templates(cfg.template), source=f"template {cfg.template!r}")
     items = discover(cfg.data_dir)
-    check_captions(templates, {item.path.name: item.caption for item in items}, cfg.name)
+    captions = {item.path.name: item.caption for item in items}
+    template, note = resolve_template(cfg.template, captions, cfg.name)
+    templates = check_templates(load_templates(template), source=f"template {template!r}")
+    check_captions(templates, captions, cfg.name)
     samples = load_samples(items, dataset_options(cfg), seed=cfg.seed)
     sampler_class = BucketSampler if cfg.buckets else SampleSampler
     sampler = sampler_class(samples, batch_size=cfg.batch_size, repeats=cfg.repeats, seed=cfg.seed)
-    return TrainingData(cfg, samples, templates, sampler)
+    return TrainingData(cfg, samples, templates, sampler, template, (note,) if note else ())

@@ -84,7 +84,7 @@ def train(engine: Engine, cfg: TrainConfig, *, data: TrainingData | None = None,
         with engine.frozen():
             engine.set_gradient_checkpointing(cfg.gradient_checkpointing)
             run = _Run.resume(engine, cfg, data, emit) if resume else _Run.start(engine, cfg, data, emit)
-            emit(events.Started(run.step, run.total, data.num_images, len(data.samples), run.notes,
+            emit(events.Started(run.step, run.total, data.num_images, len(data.samples), [*data.notes, *run.notes],
                                 time.perf_counter() - t_start))
             with run.adapters_attached():
                 reason = run.loop_keeping_progress(should_stop)

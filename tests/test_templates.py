@@ -7,10 +7,12 @@ from lib_ti.templates import (
     BUILTIN_TEMPLATES,
     check_captions,
     check_templates,
+    is_builtin_template,
     is_filewords_only,
     load_templates,
     pick_template,
     render_caption,
+    resolve_template,
     uses_filewords,
 )
 
@@ -210,3 +212,28 @@ def test_missing_captions_with_a_named_template_only_warn(capsys):
     assert "'a.png'" in capsys.readouterr().err
     check_captions(["a [name]"], {"a.png": None}, "tok")
     assert capsys.readouterr().err == ""
+
+
+# ---------------------------------------------------------------- auto: the default, chosen from the captions
+
+
+@pytest.mark.parametrize(("captions", "chosen"), [
+    ({"a.png": "a red [name] on a blue background", "b.png": "tok in the snow"}, "captions"),
+    ({"a.png": "a red [name] on a blue background", "b.png": "a dog"}, "object_filewords"),  # b does not name it
+    ({"a.png": "a dog", "b.png": None}, "object_filewords"),
+    ({"a.png": "[name] here", "b.png": "  "}, "object_filewords"),  # a blank caption is no caption
+    ({"a.png": None, "b.png": None}, "object"),
+])
+def test_auto_uses_captions_when_there_are_and_says_which_set(captions, chosen):
+    template, note = resolve_template("auto", captions, "tok")
+    assert template == chosen
+    assert note is not None and note.startswith("template auto:") and f"'{chosen}'" in note
+    assert load_templates(template)  # a built-in set the loader knows
+
+
+def test_other_templates_resolve_to_themselves_without_a_note():
+    assert resolve_template("style", {"a.png": "[name]"}, "tok") == ("style", None)
+    assert resolve_template("my.txt", {}, "tok") == ("my.txt", None)
+    assert is_builtin_template("auto") and is_builtin_template("AUTO ")
+    with pytest.raises(TIError, match="resolve it first"):
+        load_templates("auto")

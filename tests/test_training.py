@@ -153,6 +153,8 @@ def test_schedule_that_ends_early_stops_training_and_says_why(engines, images, t
     assert result.steps_done == 3 and "schedule ends" in result.reason
     started = next(e for e in seen if isinstance(e, events.Started))
     assert started.total_steps == 3 and any("ends at step 3" in n for n in started.notes)
+    # the default template, auto, says at the start which set it chose: these images have no captions
+    assert any(n.startswith("template auto: no image has a caption") and "'object'" in n for n in started.notes)
 
 
 def test_progress_events_previews_and_pruning(engines, images, tmp_path):

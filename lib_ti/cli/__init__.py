@@ -1,4 +1,4 @@
-"""Headless command line: ``python -m lib_ti {train,check,prepare,caption,inspect,bench,demo} ...``.
+"""Headless command line: ``python -m lib_ti {train,check,prepare,caption,inspect,bench,demo,score} ...``.
 
 This module only dispatches: each command is a module of this package with ``add_parser(sub)``
 and a ``run`` function. The commands import torch and the model libraries when they run, not
@@ -17,7 +17,7 @@ import signal
 import sys
 
 from ..errors import PREFIX, TIError
-from . import bench, dataset, demo, inspect, train
+from . import bench, dataset, demo, inspect, score, train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +43,6 @@ def main(argv: list[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lib_ti", description="Textual Inversion trainer (headless).")
     sub = parser.add_subparsers(title="commands")
-    for command in (train, inspect, dataset, bench, demo):
+    for command in (train, inspect, dataset, bench, demo, score):
         command.add_parser(sub)
     return parser

@@ -35,7 +35,17 @@ from ..errors import PREFIX, TIError
 from ..families import FAMILIES
 from ..images import UNREADABLE, ImageItem, discover, unreadable_reason
 from ..schedule import parse_schedule
-from ..templates import FILEWORDS, NAME, has_name, is_filewords_only, load_templates, uses_filewords
+from ..templates import (
+    FILEWORDS,
+    NAME,
+    has_name,
+    is_auto,
+    is_filewords_only,
+    load_templates,
+    names_embedding,
+    resolve_template,
+    uses_filewords,
+)
 from .reports import Skipped, skipped_lines
 
 ACTIVATION_GIB_AT_512 = {"sd1": 2.5, "sd2": 2.5, "sdxl": 1.9}  # SDXL skips attention at the largest level
@@ -66,6 +76,7 @@ class MemoryEstimate:
     weights_gib: float
     activations_gib: float
     overhead_gib: float = OVERHEAD_GIB
+    on_cpu: bool = False  # the run computes on the CPU: the memory is RAM, and weights are float32
 
     @property
     def total_gib(self) -> float:
@@ -73,7 +84,8 @@ class MemoryEstimate:
 
     def describe(self) -> str:
         family = f"{self.family}, guessed from the resolution" if self.guessed else self.family
-        return (f"about {self.total_gib:.1f} GiB of GPU memory ({family}: weights {self.weights_gib:.1f} + "
+        where = "RAM (the run computes on the CPU)" if self.on_cpu else "GPU memory"
+        return (f"about {self.total_gib:.1f} GiB of {where} ({family}: weights {self.weights_gib:.1f} + "
                 f"activations {self.activations_gib:.1f} + overhead {self.overhead_gib:.1f})")
 
 
@@ -83,6 +95,8 @@ class PreflightReport:
     images: list[ImageInfo] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     templates: list[str] = field(default_factory=list)
+    template: str = ""  # the template set training would use: cfg.template, or the one ``auto`` chooses
+    template_note: str | None = None  # which set ``auto`` chose, and why
     memory: MemoryEstimate | None = None
     problems: list[str] = field(default_factory=list)  # any of these and training would fail
     warnings: list[str] = field(default_factory=list)  # it would train, but probably not as meant
@@ -101,7 +115,7 @@ class PreflightReport:
 
     @property
     def captions_with_trigger(self) -> int:
-        return sum(_names_trigger(info.caption, self.cfg.name) for info in self.images if info.caption is not None)
+        return sum(names_embedding(info.caption, self.cfg.name) for info in self.images if info.caption is not None)
 
     @property
     def size_spread(self) -> tuple[Size, Size, Size] | None:
@@ -128,7 +142,7 @@ class PreflightReport:
         return {
             "ok": self.ok, "data_dir": self.cfg.data_dir, "usable": len(self.images),
             "skipped": [{"file": str(s.path), "reason": s.reason} for s in self.skipped],
-            "captioned": self.captioned, "template_lines": len(self.templates),
+            "captioned": self.captioned, "template": self.template, "template_lines": len(self.templates),
             "template_lines_with_trigger": self.template_lines_with_trigger,
             "captions_with_trigger": self.captions_with_trigger,
             "sizes": None if spread is None else dict(zip(("smallest", "median", "largest"), spread, strict=True)),
@@ -140,19 +154,20 @@ class PreflightReport:
 
 
 # ---------------------------------------------------------------------- the check
-def check(cfg: TrainConfig, *, family: str | None = None) -> PreflightReport:
+def check(cfg: TrainConfig, *, family: str | None = None, on_cpu: bool = False) -> PreflightReport:
     """Everything that can be known before loading a model. ``family`` (sd1/sd2/sdxl) when the caller
-    knows it (the webui's loaded model); otherwise read from ``cfg.model``'s files, else guessed."""
+    knows it (the webui's loaded model); otherwise read from ``cfg.model``'s files, else guessed.
+    ``on_cpu``: the run will compute on the CPU (the memory estimate is then RAM, in float32)."""
     if family is not None and family not in FAMILIES:
         raise TIError(f"model family {family!r} is unknown: use one of {', '.join(FAMILIES)}")
     report = PreflightReport(cfg)
     _check_paths(cfg, report)
-    _check_templates(cfg, report)
     items = _discover(cfg, report)
+    _check_templates(cfg, items, report)
     _check_images(cfg, items, report)
     _check_captions(cfg, report)
     _check_numbers(cfg, report)
-    report.memory = estimate_memory(cfg, family)
+    report.memory = estimate_memory(cfg, family, on_cpu=on_cpu)
     return report
 
 
@@ -180,14 +195,18 @@ def _check_paths(cfg: TrainConfig, report: PreflightReport) -> None:
                                "overwrite")
 
 
-def _check_templates(cfg: TrainConfig, report: PreflightReport) -> None:
+def _check_templates(cfg: TrainConfig, items: list[ImageItem], report: PreflightReport) -> None:
+    report.template, report.template_note = resolve_template(cfg.template, {i.path.name: i.caption for i in items},
+                                                             cfg.name)
+    if is_auto(report.template):  # no images to choose from: the data folder's problem is reported
+        return
     try:
-        report.templates = load_templates(cfg.template)
+        report.templates = load_templates(report.template)
     except TIError as e:
         report.problems.append(str(e).removeprefix(f"{PREFIX} "))
         return
     if not any(has_name(line) for line in report.templates) and not is_filewords_only(report.templates):
-        report.problems.append(f"template {cfg.template!r}: no line contains [name], so the embedding would never "
+        report.problems.append(f"template {report.template!r}: no line contains [name], so the embedding would never "
                                "appear in a prompt; add [name] where it goes, e.g. 'a photo of a [name]'")
 
 
@@ -244,18 +263,18 @@ def _check_captions(cfg: TrainConfig, report: PreflightReport) -> None:
     missing = [info.path.name for info in images if info.caption is None]
     if is_filewords_only(templates):
         unnamed = [info.path.name for info in images
-                   if info.caption is not None and not _names_trigger(info.caption, cfg.name)]
+                   if info.caption is not None and not names_embedding(info.caption, cfg.name)]
         if missing:
-            report.problems.append(f"template {cfg.template!r} uses only {FILEWORDS}, but {len(missing)} image(s) have "
-                                   f"no caption: {_few(missing)}; caption them or use a template with {NAME}")
+            report.problems.append(f"template {report.template!r} uses only {FILEWORDS}, but {len(missing)} image(s) "
+                                   f"have no caption: {_few(missing)}; caption them or use a template with {NAME}")
         if unnamed:
-            report.problems.append(f"template {cfg.template!r} uses only {FILEWORDS}, but {len(unnamed)} caption(s) "
+            report.problems.append(f"template {report.template!r} uses only {FILEWORDS}, but {len(unnamed)} caption(s) "
                                    f"mention neither {NAME} nor {cfg.name!r}: {_few(unnamed)}; put {NAME} in them")
     elif uses_filewords(templates) and missing:
         report.warnings.append(f"{len(missing)} image(s) have no caption, so {FILEWORDS} is empty for them: "
                                f"{_few(missing)}")
     elif not uses_filewords(templates) and report.captioned:
-        report.warnings.append(f"{report.captioned} image(s) have captions but template {cfg.template!r} has no "
+        report.warnings.append(f"{report.captioned} image(s) have captions but template {report.template!r} has no "
                                f"{FILEWORDS}, so they are not used; e.g. use object_filewords or style_filewords")
 
 
@@ -278,19 +297,20 @@ def _check_numbers(cfg: TrainConfig, report: PreflightReport) -> None:
         report.warnings.append(note)
 
 
-def estimate_memory(cfg: TrainConfig, family: str | None = None) -> MemoryEstimate:
-    """The module docstring's formula for ``cfg`` on ``family`` (read from cfg.model, else guessed)."""
+def estimate_memory(cfg: TrainConfig, family: str | None = None, *, on_cpu: bool = False) -> MemoryEstimate:
+    """The module docstring's formula for ``cfg`` on ``family`` (read from cfg.model, else guessed); on the CPU
+    the UNet and text encoder weights are float32 (4 bytes a parameter, not 2)."""
     guessed = False
     if family is None:
         family = detect_family(cfg.model) if cfg.model else None
     if family is None:
         family, guessed = ("sdxl" if cfg.width * cfg.height >= 1024 * 1024 else "sd1"), True
     params = FAMILIES[family].params_m
-    weights = ((params["unet"] + params["text"]) * 2 + params["vae"] * 4) * 1e6 / _GIB
+    weights = ((params["unet"] + params["text"]) * (4 if on_cpu else 2) + params["vae"] * 4) * 1e6 / _GIB
     activations = ACTIVATION_GIB_AT_512[family] * cfg.batch_size * cfg.width * cfg.height / 512**2
     if cfg.gradient_checkpointing:
         activations *= CHECKPOINTING_FACTOR
-    return MemoryEstimate(family, guessed, weights, activations)
+    return MemoryEstimate(family, guessed, weights, activations, on_cpu=on_cpu)
 
 
 def detect_family(model: str) -> str | None:
@@ -345,10 +365,6 @@ def _scale(info: ImageInfo, cfg: TrainConfig) -> float:
     return max(width / info.size[0], height / info.size[1])
 
 
-def _names_trigger(caption: str, name: str) -> bool:
-    return NAME in caption or name in caption
-
-
 def _few(labels: list[str], n: int = 3) -> str:
     return ", ".join(labels[:n]) + (f" and {len(labels) - n} more" if len(labels) > n else "")
 
@@ -365,7 +381,9 @@ def _report_lines(report: PreflightReport) -> list[str]:
     if report.images:
         n = len(report.images)
         lines.append(f"  captions: {report.captioned} of {n} images; "
-                     f"template {cfg.template!r} {'uses' if uses_filewords(report.templates) else 'ignores'} them")
+                     f"template {report.template!r} {'uses' if uses_filewords(report.templates) else 'ignores'} them")
+        if report.template_note:
+            lines.append(f"  {report.template_note}")
         lines.append(f"  trigger {NAME}/{cfg.name!r}: in {report.template_lines_with_trigger} of "
                      f"{len(report.templates)} template lines, in {report.captions_with_trigger} of {report.captioned} "
                      "captions")

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from ..engine import add_noise, min_snr_weights
 from ..engines.standalone import StandaloneEngine, TextEncoder
 from ..errors import PREFIX, TIError
+from ..grid import image_grid, save_png
 from ..models.tiny import sd_scheduler
 from . import model as micro
 from .classifier import (
@@ -52,7 +53,6 @@ from .classifier import (
     vae_round_trips,
 )
 from .evaluate import plain_cases, prompt_following, render, score
-from .grid import image_grid, save_png
 from .optim import warmup_cosine
 from .shapes import CaptionMix, draw, random_scene, training_caption
 

@@ -38,11 +38,11 @@ from ..errors import TIError
 from ..fileio import write_text
 from ..formats.embeddings import load_embedding
 from ..formats.lora import TEXT_PREFIXES, load_lora
+from ..grid import image_grid, save_png
 from ..lora import Adapters
 from ..trainer import train
 from .classifier import classify
 from .evaluate import Case, render, score
-from .grid import image_grid, save_png
 from .shapes import COLOUR_NAMES, SHAPES, draw, random_scene
 
 TOKEN_TEMPLATES = (

@@ -1,4 +1,7 @@
-"""A labelled grid of renders (rows = checkpoints, columns = prompts), enlarged so 64px renders can be seen."""
+"""A labelled grid of renders (rows = checkpoints, columns = prompts): bench quality's, and checkpoint scoring's.
+
+Cells are square; the micro model's 64px renders are enlarged nearest-neighbour (what the classifier saw, not a
+smoothed version), larger renders are shrunk smoothly."""
 
 from __future__ import annotations
 
@@ -7,9 +10,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from ..fileio import atomic_path
+from .fileio import atomic_path
 
-CELL = 128  # 64px renders shown at 2x, nearest-neighbour: what the classifier saw, not a smoothed version
+CELL = 128  # 64px renders shown at 2x
 LABEL_WIDTH = 150
 HEADER = 18
 
@@ -27,8 +30,14 @@ def image_grid(rows: Sequence[Sequence[Image.Image]], row_labels: Sequence[str],
         y = top + r * cell
         pen.multiline_text((4, y + 4), label, fill=(0, 0, 0), spacing=3)
         for c, image in enumerate(images):
-            grid.paste(image.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST), (LABEL_WIDTH + c * cell, y))
+            grid.paste(_cell(image, cell), (LABEL_WIDTH + c * cell, y))
     return grid
+
+
+def _cell(image: Image.Image, cell: int) -> Image.Image:
+    smaller = image.width < cell or image.height < cell
+    resample = Image.Resampling.NEAREST if smaller else Image.Resampling.LANCZOS
+    return image.convert("RGB").resize((cell, cell), resample)
 
 
 def save_png(image: Image.Image, path: str | Path) -> Path:
