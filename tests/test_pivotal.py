@@ -164,3 +164,12 @@ def test_resuming_a_pivotal_run_as_an_embedding_run_is_refused(engines, images, 
     train(engine, cfg)
     with pytest.raises(TIError, match="mode: run 'pivotal', given 'embedding'"):
         train(engine, cfg.replace(mode="embedding", steps=3), resume=True)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_pivotal_mixed_precision_keeps_float32_adapters(precision, engines, images, tmp_path):
+    result = train(engines("sd1"), config(tmp_path, images, steps=2, precision=precision, lora_targets=["attn", "text"],
+                                          lora_learning_rate="0.05"))
+    modules = load_lora(result.lora_path).modules
+    assert all(m.down.dtype == torch.float32 and torch.isfinite(m.up).all() for m in modules.values())
+    assert any(m.up.abs().sum() > 0 for m in modules.values())  # the adapters trained under autocast

@@ -518,3 +518,25 @@ def test_scoring_in_the_webui_waits_for_training_and_tables_the_scores(tmp_path,
     table = scoring.report_markdown(ScoreReport("a", "tok", "clip", "a photo of a tok", ["x [name]"], 2, 5, rows, 200))
     assert "| 100 | 0.610 | 0.280 | 1.00 |" in table and "| **200** (recommended) | **0.660** |" in table
     assert "Recommended: step 200, `a/tok-200.safetensors`" in table
+
+
+def test_pivotal_run_publishes_its_lora_and_protects_an_existing_one(host_folders, monkeypatch, tmp_path):
+    loras = host_folders / "models" / "Lora"
+    monkeypatch.setattr(a1111, "lora_dir", lambda: loras)
+    published: list[tuple[Path, Path]] = []
+    monkeypatch.setattr(a1111, "publish", lambda path, target: published.append((path, target)) or target)
+    monkeypatch.setattr(a1111, "publish_lora", lambda path, target: published.append((path, target)) or target)
+    cfg = TrainConfig(name="tok", data_dir=str(host_folders / "data"), mode="pivotal")
+    publisher = runner._Publisher(Job("tok-1", "tok"), cfg)
+    monkeypatch.setattr(publisher, "_publish_checkpoint", lambda step, path: None)
+    publisher.handle(events.Saved(4, tmp_path / "tok.safetensors", True, None, tmp_path / "tok-lora.safetensors"))
+    publisher.publish_final()
+    assert published == [(tmp_path / "tok.safetensors", host_folders / "embeddings" / "tok.safetensors"),
+                         (tmp_path / "tok-lora.safetensors", loras / "tok.safetensors")]  # <lora:tok:1> and tok
+    loras.mkdir(parents=True)
+    (loras / "tok.safetensors").write_bytes(b"x")
+    with pytest.raises(TIError, match="a LoRA named 'tok' already exists"):
+        runner.resolve(cfg, resume=False)
+    assert runner.resolve(cfg.replace(mode="embedding"), resume=False)  # an embedding run leaves it alone
+    with pytest.raises(TIError, match="gradient_checkpointing=True is invalid with mode pivotal"):
+        runner.resolve(cfg.replace(overwrite=True, gradient_checkpointing=True), resume=False)

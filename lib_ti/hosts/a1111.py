@@ -494,6 +494,27 @@ def copy_file(path: Path, target: Path) -> None:
         shutil.copyfile(path, tmp)
 
 
+def lora_dir() -> Path:
+    """The host's Lora folder (--lora-dir, which its built-in Lora extension adds; by default models/Lora)."""
+    from modules import paths, shared
+
+    return Path(getattr(shared.cmd_opts, "lora_dir", None) or Path(paths.models_path) / "Lora")
+
+
+def publish_lora(path: Path, target: Path) -> Path:
+    """Copy a pivotal run's LoRA into the Lora folder (atomically) and have the host list it at once, so that
+    ``<lora:name:1>`` works in the next txt2img without the refresh button."""
+    import sys
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp:
+        shutil.copyfile(path, tmp)
+    networks = sys.modules.get("networks")  # the built-in Lora extension's module, when it is enabled
+    if networks is not None and hasattr(networks, "list_available_networks"):
+        networks.list_available_networks()
+    return target
+
+
 def register_file(path: Path) -> None:
     """Make a file usable in prompts at once: no restart, no refresh button; its hash goes to "TI hashes"."""
     from modules import sd_hijack, shared

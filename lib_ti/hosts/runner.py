@@ -59,6 +59,11 @@ def resolve(cfg: TrainConfig, *, resume: bool, confined: bool = True) -> TrainCo
     if cfg.model:
         raise TIError(f"config model={shown(cfg.model)} is invalid here: the webui trains on the checkpoint it has "
                       "loaded; leave model empty and pick the checkpoint at the top of the page")
+    if cfg.is_pivotal and cfg.gradient_checkpointing:
+        # ldm's checkpointing (reentrant) drops the gradients of blocks whose inputs need none, and sgm's own
+        # CheckpointFunction computes gradients only for a block's inputs and own parameters: not the adapters'.
+        raise TIError("config gradient_checkpointing=True is invalid with mode pivotal in the webui: the host's "
+                      "checkpointing would not pass the LoRA's gradients; turn it off (headless runs can use it)")
     cfg = cfg.replace(output_dir=str(_run_folder(cfg.output_dir or cfg.name)),
                       init_from=_init_file(cfg.init_from, confined=confined))
     if confined:
@@ -144,6 +149,9 @@ def _init_file(init_from: str, *, confined: bool = True) -> str:
 
 
 def _refuse_existing(cfg: TrainConfig) -> None:
+    if cfg.is_pivotal and final_lora_target(cfg).exists():
+        raise TIError(f"a LoRA named {cfg.name!r} already exists ({final_lora_target(cfg)}): choose another name, "
+                      "resume its run, or tick Overwrite")
     target = final_target(cfg)
     existing = target if target.exists() else a1111.loaded_embedding_file(cfg.name)
     if existing and cfg.init_from and Path(cfg.init_from).resolve() == Path(existing).resolve():
@@ -156,6 +164,11 @@ def _refuse_existing(cfg: TrainConfig) -> None:
 
 def final_target(cfg: TrainConfig) -> Path:
     return a1111.embeddings_dir() / f"{cfg.name}.{cfg.save_format}"
+
+
+def final_lora_target(cfg: TrainConfig) -> Path:
+    """A pivotal run's LoRA in the host's Lora folder, named like the embedding: ``<lora:name:1>`` plus ``name``."""
+    return a1111.lora_dir() / f"{cfg.name}.safetensors"
 
 
 def checkpoint_folder(cfg: TrainConfig) -> Path:
@@ -265,6 +278,7 @@ class _Publisher:
     def __init__(self, job: Job, cfg: TrainConfig) -> None:
         self.job, self.cfg = job, cfg
         self.final: Path | None = None
+        self.final_lora: Path | None = None
         self.copies: dict[int, Path] = {}  # step -> the checkpoint's copy in the embeddings folder
 
     def handle(self, event: object) -> None:
@@ -280,6 +294,7 @@ class _Publisher:
         elif isinstance(event, events.Saved):
             if event.is_final:
                 self.final = Path(event.path)
+                self.final_lora = Path(event.lora) if event.lora is not None else None
             if event.checkpoint is not None:  # the last step is a checkpoint like the others, final or not
                 self._publish_checkpoint(event.step, Path(event.checkpoint))
 
@@ -302,6 +317,8 @@ class _Publisher:
             self.job.final_path = target
             if self.job.previews:
                 self._card_preview(self.job.previews[-1][1], target)
+        if self.final_lora is not None:
+            self.job.published.append(a1111.publish_lora(self.final_lora, final_lora_target(self.cfg)))
 
 
 def card_preview_path(embedding: Path) -> Path:
