@@ -498,3 +498,17 @@ def test_grid_renders_prompts_by_checkpoints_with_the_runs_preview_parameters(ho
     active.state = "running"
     _, message = webui_tab._compare_clicked("", "", *_form_args(name="tok"))
     assert "already active" in message and len(requests) == 4  # refused at once, nothing rendered
+
+
+def test_tab_controls_are_kept_out_of_the_webuis_ui_config():
+    """The webui keys ui-config.json by tab and label: ours would take the host's "Max steps" 100000."""
+    import types
+
+    from lib_ti.hosts.widgets import keep_out_of_ui_config
+
+    leaf = types.SimpleNamespace()
+    row = types.SimpleNamespace(children=[leaf, types.SimpleNamespace(children=[])])
+    tab = types.SimpleNamespace(children=[row])
+    keep_out_of_ui_config(tab)
+    assert tab.do_not_save_to_config and row.do_not_save_to_config and leaf.do_not_save_to_config
+    assert row.children[1].do_not_save_to_config
