@@ -47,7 +47,16 @@ function ti_trainer_attach(status) {
     requestProgress(task, anchor, live, function() {
         ti_trainer.attached = null;
         ti_trainer.ended[task] = true;
-        if (live) live.classList.remove('ti-trainer-live-on');
+        if (live) {
+            live.classList.remove('ti-trainer-live-on');
+            // requestProgress can still add a live preview whose image loads after its end: the previews
+            // by step below hold every image, so the box is emptied.
+            setTimeout(function() {
+                live.querySelectorAll('.livePreview').forEach(function(node) {
+                    node.remove();
+                });
+            }, 1500);
+        }
         ti_trainer_poll_soon();  // the final state, outcome and previews
     }, null, 60);
 }

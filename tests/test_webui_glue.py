@@ -540,3 +540,17 @@ def test_pivotal_run_publishes_its_lora_and_protects_an_existing_one(host_folder
     assert runner.resolve(cfg.replace(mode="embedding"), resume=False)  # an embedding run leaves it alone
     with pytest.raises(TIError, match="gradient_checkpointing=True is invalid with mode pivotal"):
         runner.resolve(cfg.replace(overwrite=True, gradient_checkpointing=True), resume=False)
+
+
+def test_tab_controls_are_kept_out_of_the_webuis_ui_config():
+    """The webui keys ui-config.json by tab and label: ours would take the host's "Max steps" 100000."""
+    import types
+
+    from lib_ti.hosts.widgets import keep_out_of_ui_config
+
+    leaf = types.SimpleNamespace()
+    row = types.SimpleNamespace(children=[leaf, types.SimpleNamespace(children=[])])
+    tab = types.SimpleNamespace(children=[row])
+    keep_out_of_ui_config(tab)
+    assert tab.do_not_save_to_config and row.do_not_save_to_config and leaf.do_not_save_to_config
+    assert row.children[1].do_not_save_to_config

@@ -189,6 +189,12 @@ def _wait_until_up(host: Webui, timeout: float = 300) -> None:
     while time.time() < deadline:
         if host.proc.poll() is not None:
             raise AssertionError(f"the webui exited ({host.proc.returncode}):\n{host.tail()}")
+        # No request before the webui has added its API: a request in between makes Starlette build its
+        # middleware stack, and the webui's own api_middleware then fails ("Cannot add middleware after an
+        # application has started"). It logs "Startup time" once everything is added.
+        if "Startup time" not in host.tail():
+            time.sleep(1)
+            continue
         try:
             code, _ = host.call("GET", "/ti-trainer/v1/runs", timeout=5)
             if code == 200:

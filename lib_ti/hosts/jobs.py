@@ -120,7 +120,7 @@ class Job:
 
     def outcome_html(self) -> str:
         if self.state == "failed":
-            return f"<div class='error'>{html.escape(self.error or 'training failed')}</div>"
+            return f"<div class='ti-trainer-error error'>{html.escape(self.error or 'training failed')}</div>"
         where = f" Embedding: {self.final_path}" if self.final_path else ""
         return f"<p>{html.escape((self.result or self.state) + '.' + where)}</p>"
 
