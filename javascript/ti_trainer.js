@@ -1,22 +1,114 @@
-// sd-webui-ti-trainer: the Train/Resume buttons get a task id and poll the host's progress API,
-// the same mechanism txt2img and the built-in trainer use (progress bar, live preview, ETA).
-// The step/loss summary goes into a div of our own: writing into a Gradio component's root
-// would detach the nodes Gradio renders its next output into.
+// sd-webui-ti-trainer: the Train Embedding tab's page script.
+//
+// A run lives on the server, not in the request that started it. While the tab is visible this script
+// clicks the hidden Poll button (the run panel and previews come back from the server), and when a run
+// is active it attaches the host's own progress bar and live preview to the run's task id
+// (requestProgress, as txt2img does): after a page reload the active run shows again by itself.
+// It also gives the tab the full width of the Train tab while it is the selected sub-tab.
 
-function ti_trainer_live() {
-    return gradioApp().querySelector('#ti_trainer_progress .ti-trainer-live');
+var ti_trainer = {attached: null, timer: null, last: null, ended: {}};
+
+function ti_trainer_el(name) {
+    return gradioApp().getElementById('ti_trainer_' + name);
 }
 
-function ti_trainer_start() {
-    var live = ti_trainer_live();
-    var id = randomId();
-    requestProgress(id, gradioApp().getElementById('ti_trainer_output'), gradioApp().getElementById('ti_trainer_gallery'), function() {
-        if (live) live.innerHTML = '';  // the final summary arrives with the outcome
-    }, function(progress) {
-        if (live && progress.textinfo) live.innerHTML = progress.textinfo;
-    });
+function ti_trainer_visible() {
+    var tab = ti_trainer_el('tab');
+    return !!(tab && tab.offsetParent !== null);
+}
 
+// Train/Resume: a fresh task id for the run (args[0]); the panel is polled soon after the answer.
+function ti_trainer_start() {
     var res = Array.from(arguments);
-    res[0] = id;
+    res[0] = randomId();
+    ti_trainer_poll_soon();
     return res;
 }
+
+function ti_trainer_status() {
+    var box = ti_trainer_el('status');
+    var area = box && box.querySelector('textarea');
+    try {
+        return JSON.parse((area && area.value) || '{}');
+    } catch (e) {
+        return {};
+    }
+}
+
+function ti_trainer_attach(status) {
+    if (!status.active || !status.task_id || ti_trainer.attached === status.task_id) return;
+    if (ti_trainer.ended[status.task_id]) return;  // a poll answer older than the end of its task
+    var anchor = ti_trainer_el('progressbar');
+    var live = ti_trainer_el('live');
+    if (!anchor || typeof requestProgress !== 'function') return;
+    ti_trainer.attached = status.task_id;
+    if (live) live.classList.add('ti-trainer-live-on');
+    var task = status.task_id;
+    requestProgress(task, anchor, live, function() {
+        ti_trainer.attached = null;
+        ti_trainer.ended[task] = true;
+        if (live) live.classList.remove('ti-trainer-live-on');
+        ti_trainer_poll_soon();  // the final state, outcome and previews
+    }, null, 60);
+}
+
+// The host's Textual Inversion cards (txt2img, img2img) re-read the embeddings folder on their refresh, which
+// reloads every embedding from disk: done when a run has ended (its live embedding is unregistered by then),
+// so the new embedding and its checkpoints show with their previews without a manual refresh.
+function ti_trainer_refresh_cards() {
+    ['txt2img', 'img2img'].forEach(function(tab) {
+        var button = gradioApp().getElementById(tab + '_textual_inversion_extra_refresh_internal');
+        if (button) button.dispatchEvent(new Event('click'));
+    });
+}
+
+function ti_trainer_tick() {
+    var status = ti_trainer_status();
+    if (ti_trainer.last && ti_trainer.last.active && ti_trainer.last.run_id === status.run_id && !status.active) {
+        ti_trainer_refresh_cards();
+    }
+    ti_trainer.last = status;
+    if (!ti_trainer_visible() && !status.active) return;  // an active run is followed from any tab
+    var poll = ti_trainer_el('poll');
+    if (poll) poll.click();
+    ti_trainer_attach(status);
+}
+
+function ti_trainer_poll_soon() {
+    [400, 1200, 2500].forEach(function(ms) {
+        setTimeout(ti_trainer_tick, ms);
+    });
+}
+
+// Full width: the host's own output column (ti_gallery_container) is hidden only while one of our
+// sub-tabs is selected; other train tabs keep it.
+function ti_trainer_layout() {
+    var tabs = gradioApp().getElementById('train_tabs');
+    if (!tabs) return;
+    var ours = ['ti_trainer_tab', 'ti_trainer_dataset_tab'].some(function(id) {
+        var tab = gradioApp().getElementById(id);
+        return tab && tab.style.display !== 'none' && tabs.contains(tab);
+    });
+    var row = tabs.parentElement;
+    if (row) row.classList.toggle('ti-trainer-wide', ours);
+}
+
+onUiLoaded(function() {
+    ti_trainer_layout();
+    ti_trainer_tick();
+    ti_trainer.timer = setInterval(ti_trainer_tick, 1500);
+    var tabs = gradioApp().getElementById('train_tabs');
+    if (tabs) {
+        tabs.addEventListener('click', function() {
+            setTimeout(ti_trainer_layout, 50);
+            setTimeout(ti_trainer_tick, 60);
+        });
+    }
+    var top = gradioApp().getElementById('tabs');
+    if (top) {
+        top.addEventListener('click', function() {
+            setTimeout(ti_trainer_layout, 50);
+            setTimeout(ti_trainer_tick, 60);
+        });
+    }
+});

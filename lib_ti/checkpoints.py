@@ -1,8 +1,10 @@
 """Checkpoints of a run: the embedding (usable at once in a prompt) plus the state to resume it.
 
 ``checkpoints/<name>-<step>.<ext>`` is an ordinary embedding file; ``<name>-<step>.state.pt`` beside
-it holds the optimizer and scaler state, every vector (trained or not) and the config. Resume needs
-nothing else, because the data order, noise and timesteps are pure functions of (seed, step).
+it holds the optimizer and scaler state, every vector (trained or not) and the config; a pivotal run
+also writes ``<name>-<step>-lora.safetensors`` (a kohya LoRA any webui loads) and keeps the adapters'
+weights in the state. Resume needs nothing else, because the data order, noise, timesteps and dropout
+are pure functions of (seed, step).
 
 A checkpoint exists when its state file does: the embedding is written first and the state last,
 and deleted the other way round, so a crash in between leaves at most an orphan embedding, which
@@ -24,6 +26,7 @@ from .embedding import Embedding
 from .errors import TIError, shown
 from .fileio import fault_point, load_torch, save_torch
 from .formats.embeddings import save_embedding
+from .formats.lora import LoraModule, save_lora
 
 STATE_VERSION = 1
 
@@ -36,6 +39,17 @@ class TrainingState:
     scaler: dict[str, Any] | None
     config: dict[str, Any]
     pending_losses: list[float]  # losses since the last loss.csv row, so the resumed log matches
+    lora: dict[str, dict[str, Any]] | None = None  # pivotal runs: kohya name -> {"down", "up", "alpha"}
+
+    @property
+    def lora_weights(self) -> dict[str, LoraModule] | None:
+        if self.lora is None:
+            return None
+        return {name: LoraModule(w["down"], w["up"], float(w["alpha"])) for name, w in self.lora.items()}
+
+    @staticmethod
+    def lora_payload(weights: dict[str, LoraModule]) -> dict[str, dict[str, Any]]:
+        return {name: {"down": w.down, "up": w.up, "alpha": float(w.alpha)} for name, w in weights.items()}
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -51,12 +65,31 @@ def state_path(run_dir: Path, name: str, step: int) -> Path:
     return checkpoint_dir(run_dir) / f"{name}-{step}.state.pt"
 
 
-def save_checkpoint(run_dir: Path, emb: Embedding, state: TrainingState, fmt: str, keep_last: int) -> Path:
-    """Write the embedding and its state atomically, then prune old checkpoints. Returns the embedding path."""
+def lora_checkpoint_path(run_dir: Path, name: str, step: int) -> Path:
+    """The LoRA file of a pivotal run's checkpoint at ``step``."""
+    return checkpoint_dir(run_dir) / f"{name}-{step}{LORA_SUFFIX}"
+
+
+def final_lora_path(run_dir: Path, name: str) -> Path:
+    """A pivotal run's final LoRA, beside its final embedding: prompted as ``<lora:<name>-lora:1>``."""
+    return Path(run_dir) / f"{name}{LORA_SUFFIX}"
+
+
+LORA_SUFFIX = "-lora.safetensors"
+
+
+def save_checkpoint(run_dir: Path, emb: Embedding, state: TrainingState, fmt: str, keep_last: int,
+                    lora_metadata: dict[str, str] | None = None) -> Path:
+    """Write the embedding (and the LoRA) and the state atomically, then prune old checkpoints. Returns the
+    embedding path. The state goes last: a checkpoint exists once all its files do."""
     emb_path = save_embedding(emb, checkpoint_path(run_dir, emb.name, state.step, fmt), overwrite=True)
+    weights = state.lora_weights
+    if weights is not None:
+        save_lora(weights, lora_checkpoint_path(run_dir, emb.name, state.step), lora_metadata or {}, overwrite=True)
     fault_point(f"checkpoint {emb.name}-{state.step}")
     payload = {"version": STATE_VERSION, "step": state.step, "vectors": state.vectors, "optimizer": state.optimizer,
-               "scaler": state.scaler, "config": state.config, "pending_losses": state.pending_losses}
+               "scaler": state.scaler, "config": state.config, "pending_losses": state.pending_losses,
+               "lora": state.lora}
     save_torch(payload, state_path(run_dir, emb.name, state.step))
     if keep_last:
         _prune(checkpoint_dir(run_dir), emb.name, keep_last)
@@ -116,25 +149,26 @@ def load_state(path: Path) -> TrainingState:
     if data.get("version") != STATE_VERSION:
         raise TIError(f"checkpoint state {str(path)!r} has version {shown(data.get('version'))}, expected "
                       f"{STATE_VERSION}")
-    return TrainingState(*(data[key] for key in _STATE_KEYS))
+    fields = {key: data[key] for key in _STATE_KEYS}
+    return TrainingState(**fields, lora=data.get("lora"))  # no "lora": an embedding run
 
 
 def remove_checkpoint(run_dir: Path, name: str, step: int) -> None:
     """Delete one checkpoint: its state first (it is then no checkpoint any more), its embedding after."""
     state_path(run_dir, name, step).unlink(missing_ok=True)
     fault_point(f"prune {name}-{step}")
-    for path in checkpoint_dir(run_dir).glob(f"{name}-{step}.*"):
+    for path in [*checkpoint_dir(run_dir).glob(f"{name}-{step}.*"), lora_checkpoint_path(run_dir, name, step)]:
         path.unlink(missing_ok=True)
 
 
 def remove_orphans(run_dir: Path, name: str) -> list[Path]:
-    """Delete checkpoint embeddings of ``name`` that have no state file: what a crash between writing (or
+    """Delete checkpoint embeddings (and LoRAs) of ``name`` that have no state file: what a crash between writing (or
     deleting) the two files leaves. Call it only while holding the run folder's lock."""
     folder = checkpoint_dir(run_dir)
     if not folder.is_dir():
         return []
     steps = {step for step, _ in list_states(run_dir, name)}
-    pattern = re.compile(rf"{re.escape(name)}-(\d+)\.(safetensors|pt)")
+    pattern = re.compile(rf"{re.escape(name)}-(\d+)(\.safetensors|\.pt|{re.escape(LORA_SUFFIX)})")
     removed = []
     for path in folder.iterdir():
         match = pattern.fullmatch(path.name)

@@ -30,6 +30,8 @@ Crop = Literal["center", "random", "squash"]
 LatentSampling = Literal["random", "deterministic", "once"]
 Optimizer = Literal["adamw", "prodigy"]
 SaveFormat = Literal["safetensors", "pt"]
+Mode = Literal["embedding", "pivotal"]
+LORA_TARGETS = ("attn", "ff", "text")  # formats.lora.TARGET_PATTERNS names the layers of each
 
 # Prompt names match as text in prompts: keep them to characters every host and file system accepts
 # (matched whole: "$" would let a final newline through), and never a name Windows reserves for a device
@@ -49,7 +51,7 @@ MAX_CONFIG_FILE = 1024 * 1024  # bytes of a --config file
 
 
 # Sections group the fields in the webui tab: basics on top, the others folded.
-BASICS, TRAINING, DATA, SAVING = "Basics", "Training", "Data", "Saving and previews"
+BASICS, TRAINING, LORA, DATA, SAVING = "Basics", "Training", "LoRA (pivotal mode)", "Data", "Saving and previews"
 # Field metadata: resume=True may change when a run is resumed (how long, the schedules, how often to
 # save, log and preview: nothing that changes what a step computes); path=True compares as a path.
 
@@ -60,10 +62,12 @@ class TrainConfig:
     name: str = option("my-embedding", "the prompt word that triggers the embedding, and the file name",
                        label="Embedding name", section=BASICS)
     init_text: str = option("*", 'words whose token vectors start the embedding ("" = zeros)',
-                            label="Initialization text", section=BASICS)
+                            label="Initialization text", section=BASICS,
+                            ui_help="words whose token vectors start the embedding (empty: zeros)")
     num_vectors: int = option(1, "vectors per token: more = more capacity, fewer prompt tokens left",
                               label="Vectors per token", section=BASICS)
-    overwrite: bool = option(False, "allow replacing an existing embedding / run folder", section=BASICS, resume=True)
+    overwrite: bool = option(False, "allow replacing an existing embedding / run folder", label="Overwrite existing",
+                             section=BASICS, resume=True)
     init_from: str = option("", "an existing embedding file to continue training from",
                             label="Continue from embedding (optional)", section=BASICS, path=True)
     data_dir: str = option("", "folder of images, with optional .txt captions or metadata.jsonl",
@@ -72,6 +76,9 @@ class TrainConfig:
                            "or a built-in set (object, style, *_filewords, captions, name) or a file",
                            label="Prompt template", section=BASICS)
     model: str = option("", "standalone engine: diffusers folder or single-file checkpoint", ui=False, path=True)
+    mode: Mode = option("embedding", "embedding = textual inversion alone; pivotal = the embedding and a LoRA "
+                        "trained together (pivotal tuning): two files, <name> and <lora:<name>-lora:1>",
+                        label="Training mode", section=BASICS)
 
     # How long and how fast
     steps: int = option(1000, "optimizer steps (the learning-rate schedule may end training earlier)",
@@ -80,7 +87,8 @@ class TrainConfig:
     grad_accum: int = option(1, "micro-batches per optimizer step; the loss is divided by this",
                              label="Gradient accumulation", section=TRAINING)
     learning_rate: str = option("0.005", 'webui schedule syntax: "0.05:10, 0.02:20, 0.005:200"', section=TRAINING,
-                                resume=True)
+                                resume=True, ui_help="one rate, or rate:until-step pairs such as "
+                                "0.05:10, 0.02:20, 0.005:200")
     optimizer: Optimizer = option("adamw", "adamw, or prodigy (needs the prodigyopt package; use learning rate 1.0 "
                                   "with it)", section=TRAINING)
     weight_decay: float = option(0.0, "0 keeps vector norms where the text encoder expects them", section=TRAINING)
@@ -94,9 +102,29 @@ class TrainConfig:
                                   setting=True)
     gradient_checkpointing: bool = option(False, "trade ~45% speed for memory; only when memory asks",
                                           section=TRAINING)
+    noise_offset: float = option(0.0, "0 = off; 0.05-0.1 lets the model learn darker and brighter images than "
+                                 "plain noise allows (added per image and channel)", section=TRAINING)
     seed: int = option(0, "seeds data order, noise and timesteps: same seed, same run", section=TRAINING)
     train_encoders: list[str] = option(help="SDXL: subset of clip_l/clip_g to train; [] = all", factory=list,
-                                       label="Train encoders", section=TRAINING)
+                                       label="Text encoders to train", section=TRAINING,
+                                       ui_help="SDXL: train both encoders' vectors, or one (the other keeps its "
+                                       "initial vectors)")
+
+    # The LoRA trained with the embedding (mode pivotal)
+    lora_rank: int = option(4, "rank of each adapter: more = more capacity, a larger file", label="LoRA rank",
+                            section=LORA)
+    lora_alpha: float = option(0.0, "adapter scale alpha/rank; 0 = the rank (scale 1)", label="LoRA alpha",
+                               section=LORA)
+    lora_dropout: float = option(0.0, "dropout on each adapter's input while training", label="LoRA dropout",
+                                 section=LORA)
+    lora_targets: list[str] = option(help="layers with adapters: attn (UNet attention projections), ff (UNet "
+                                     "feed-forward), text (text encoders' attention)", factory=lambda: ["attn"],
+                                     label="LoRA targets", section=LORA, choices=LORA_TARGETS)
+    lora_learning_rate: str = option("0.0001", "the LoRA's schedule, same syntax as the learning rate (prodigy: 1.0)",
+                                     label="LoRA learning rate", section=LORA, resume=True)
+    ti_fraction: float = option(0.5, "the embedding trains for this fraction of the planned steps, then only the "
+                                "LoRA does (the pivotal-tuning recipe uses 0.5)", label="Embedding fraction",
+                                section=LORA)
 
     # Data
     width: int = option(512, "training width in pixels (multiple of 8)", section=DATA)
@@ -119,17 +147,19 @@ class TrainConfig:
     latent_sampling: LatentSampling = option("random", "random = resample from the cached distribution each step",
                                              section=DATA)
     cache_latents_to_disk: bool = option(False, "also keep the encoded latents in the run folder, reused by the next "
-                                         "run on the same data", section=DATA)
+                                         "run on the same data", label="Keep encoded images on disk", section=DATA)
     buckets: bool = option(False, "train each image at the 64-multiple size nearest its aspect, area <= width x "
                            "height (buckets)", label="Aspect-ratio buckets", section=DATA)
     bucket_min_side: int = option(0, "shortest bucket side, a multiple of 64 (0 = half the shorter training side)",
-                                  section=DATA)
+                                  label="Shortest bucket side", section=DATA)
     bucket_max_side: int = option(0, "longest bucket side, a multiple of 64 (0 = twice the longer training side)",
-                                  section=DATA)
+                                  label="Longest bucket side", section=DATA)
 
     # Saving and previews
     output_dir: str = option("", 'run folder: checkpoints, previews, loss.csv; "" = outputs/<name>',
-                             label="Run folder", section=SAVING, resume=True, path=True)
+                             label="Run folder", section=SAVING, resume=True, path=True,
+                             ui_help="folder of this run's checkpoints, previews and loss log, inside the "
+                             "extension's output folder; empty: the embedding's name")
     save_every: int = option(500, "0 = only the final save", label="Save a checkpoint every N steps", section=SAVING,
                              setting=True, resume=True)
     keep_last: int = option(3, "checkpoints kept (0 = all); the final embedding is always kept",
@@ -141,19 +171,22 @@ class TrainConfig:
     preview_every: int = option(500, "0 = no previews", label="Preview every N steps", section=SAVING, setting=True,
                                 resume=True)
     preview_prompt: str = option("", '"" = the first template line with the name', section=SAVING, txt2img="prompt",
-                                 resume=True)
+                                 resume=True, ui_help="empty: the first training prompt, with the embedding's name")
     preview_negative_prompt: str = option("", "negative prompt of the preview renders", section=SAVING,
                                           txt2img="negative_prompt", resume=True)
     preview_steps: int = option(20, "sampling steps of a preview render", label="Preview sampling steps",
                                 section=SAVING, txt2img="steps", resume=True)
     preview_sampler: str = option("", 'webui: sampler of the preview renders ("" = Euler); the headless engine always '
-                                  "uses Euler", section=SAVING, txt2img="sampler_name", resume=True)
+                                  "uses Euler", section=SAVING, txt2img="sampler_name", resume=True,
+                                  ui_help="sampler of the preview renders, as in txt2img (empty: Euler)")
     preview_cfg_scale: float = option(7.0, "classifier-free guidance scale of a preview render",
                                       label="Preview CFG scale", section=SAVING, txt2img="cfg_scale", resume=True)
     preview_seed: int = option(0, "seed of the preview renders (fixed, so previews are comparable across steps)",
                                section=SAVING, txt2img="seed", resume=True)
-    preview_width: int = option(0, "0 = training width", section=SAVING, txt2img="width", resume=True)
-    preview_height: int = option(0, "0 = training height", section=SAVING, txt2img="height", resume=True)
+    preview_width: int = option(0, "0 = training width", section=SAVING, txt2img="width", resume=True,
+                                ui_help="0: the training width")
+    preview_height: int = option(0, "0 = training height", section=SAVING, txt2img="height", resume=True,
+                                 ui_help="0: the training height")
 
     def __post_init__(self) -> None:
         check_types(self, "config")
@@ -194,6 +227,9 @@ class TrainConfig:
         if unknown:
             _bad("train_encoders", self.train_encoders, "name encoders among clip_l, clip_g (SDXL) or leave it empty")
         self._check_buckets()
+        self._check_lora()
+        if not 0.0 <= self.noise_offset <= 1.0:
+            _bad("noise_offset", self.noise_offset, "use 0 (off) or a small number such as 0.05 (at most 1)")
         parse_schedule(self.learning_rate, what="learning rate")
         parse_schedule(self.clip_value, what="clip value")
 
@@ -204,6 +240,18 @@ class TrainConfig:
         if self.name.split(".")[0].strip().lower() in WINDOWS_RESERVED:
             _bad("name", self.name, "Windows reserves it for a device (con, prn, aux, nul, com1-9, lpt1-9, also "
                  "before a dot), so no file can have it; choose another name")
+
+    def _check_lora(self) -> None:
+        _at_least(self, "lora_rank", 1, at_most=1024)
+        if self.lora_alpha < 0:
+            _bad("lora_alpha", self.lora_alpha, "use 0 (= the rank) or a positive number")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            _bad("lora_dropout", self.lora_dropout, "use a probability in [0, 1)")
+        if not self.lora_targets or set(self.lora_targets) - set(LORA_TARGETS):
+            _bad("lora_targets", self.lora_targets, f"name one or more of {', '.join(LORA_TARGETS)}")
+        if not 0.0 < self.ti_fraction <= 1.0:
+            _bad("ti_fraction", self.ti_fraction, "use a fraction in (0, 1]; 1 trains the embedding to the end")
+        parse_schedule(self.lora_learning_rate, what="LoRA learning rate")
 
     def _check_buckets(self) -> None:
         check_bucket_sides("config", self.bucket_min_side, self.bucket_max_side)
@@ -226,6 +274,15 @@ class TrainConfig:
         return bucket_sizes(self.width, self.height, self.bucket_min_side, self.bucket_max_side) if self.buckets else []
 
     @property
+    def is_pivotal(self) -> bool:
+        return self.mode == "pivotal"
+
+    @property
+    def lora_scale_alpha(self) -> float:
+        """The alpha written into the LoRA file: ``lora_alpha``, or the rank when it is 0."""
+        return self.lora_alpha or float(self.lora_rank)
+
+    @property
     def planned_steps(self) -> int:
         return parse_schedule(self.learning_rate).planned_steps(self.steps)
 
@@ -244,16 +301,12 @@ class TrainConfig:
         """
         known = {f.name: f for f in fields(self)}
         changed: dict[str, Any] = {}
-        refused: list[str] = []
         for name, value in given.items():
             if name not in known:
                 raise TIError(f"unknown config key {shown(name)}; valid keys are: {', '.join(sorted(known))}")
-            if _same(known[name], getattr(self, name), value):
-                continue
-            if known[name].metadata.get("resume"):
+            if known[name].metadata.get("resume") and not _same(known[name], getattr(self, name), value):
                 changed[name] = value
-            else:
-                refused.append(name)
+        refused = self.differences(given)
         if refused:
             diffs = "; ".join(f"{n}: run {shown(getattr(self, n))}, given {shown(given[n])}" for n in refused)
             free = ", ".join(f.name for f in fields(self) if f.metadata.get("resume"))
@@ -262,6 +315,13 @@ class TrainConfig:
                           "(another name or output folder) to train with other settings")
         cfg = self.replace(**changed) if changed else self
         return cfg, [f"{n}: {shown(getattr(self, n))} -> {shown(v)}" for n, v in changed.items()]
+
+    def differences(self, other: TrainConfig | Mapping[str, Any]) -> list[str]:
+        """The fields a resumed run may not change (no ``resume`` metadata) whose value in ``other`` (a config,
+        or some of its keys) differs from this run's; keys ``other`` does not give are the same."""
+        given = other.to_dict() if isinstance(other, TrainConfig) else other
+        return [f.name for f in fields(self) if f.name in given and not f.metadata.get("resume")
+                and not _same(f, getattr(self, f.name), given[f.name])]
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:

@@ -53,6 +53,9 @@ class Engine(Protocol):
     def render_preview(self, request: PreviewRequest, token: str, vectors: dict[str, torch.Tensor]) -> Any:
         """A PIL image for the prompt, with the current vectors."""
 
+    def lora_modules(self, targets: list[str]) -> dict[str, torch.nn.Linear]:
+        """The ``nn.Linear`` layers LoRA ``targets`` (formats.lora.TARGETS) name, by their kohya key name."""
+
 
 TRAINER = "sd-webui-ti-trainer"  # written into every embedding file's metadata
 # A vector this many times longer than the encoder's longest token embedding is taken as diverged: diverged

@@ -34,6 +34,7 @@ class Saved:
     path: Path  # the final embedding file when is_final, else the checkpoint
     is_final: bool = False
     checkpoint: Path | None = None  # this step's checkpoint embedding in the run's checkpoints/ (final saves too)
+    lora: Path | None = None  # pivotal runs: the LoRA saved with it (the final one when is_final)
 
 
 @dataclass
@@ -57,3 +58,4 @@ class Result:
     stopped_early: bool
     reason: str  # one sentence: why training ended
     skipped_steps: int = 0  # non-finite loss or gradients
+    lora_path: Path | None = None  # pivotal runs: the final LoRA

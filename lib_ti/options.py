@@ -18,7 +18,8 @@ from .errors import TIError, shown
 def option(default: Any = None, help: str = "", *, factory: Callable[[], Any] | None = None, label: str = "",
            section: str = "", ui: bool = True, **extra: Any) -> Any:
     """A dataclass field with its ``help`` (CLI --help, UI tooltip), ``label`` (UI; default: from the name),
-    ``section`` (UI group), ``ui`` (False: not a control in the webui tabs) and ``extra`` metadata."""
+    ``section`` (UI group), ``ui`` (False: not a control in the webui tabs) and ``extra`` metadata (``ui_help``:
+    the UI's own help text where ``help`` speaks of flags or empty values)."""
     meta = {"help": help, "label": label, "section": section, "ui": ui, **extra}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
@@ -27,6 +28,11 @@ def option(default: Any = None, help: str = "", *, factory: Callable[[], Any] | 
 
 def field_help(f: Field) -> str:
     return str(f.metadata.get("help", ""))
+
+
+def field_ui_help(f: Field) -> str:
+    """The help a UI shows: ``ui_help`` where the command-line wording (flags, "" and [] values) would not fit."""
+    return str(f.metadata.get("ui_help") or f.metadata.get("help", ""))
 
 
 def field_label(f: Field) -> str:

@@ -60,6 +60,10 @@ def check_new_run(cfg: TrainConfig) -> None:
             f"run folder {str(cfg.run_dir)!r} already holds checkpoints of {cfg.name!r} (last at step "
             f"{existing[-1][0]}): resume it, pick another name or output folder, or allow overwrite"
         )
+    lora = cfg.run_dir / f"{cfg.name}-lora.safetensors"  # checkpoints.final_lora_path (it imports torch)
+    if lora.exists():
+        raise TIError(f"a LoRA of {cfg.name!r} already exists ({str(lora)!r}) and would be replaced or outlive its "
+                      "embedding: pick another name or output folder, or allow overwrite")
     for suffix in EMBEDDING_SUFFIXES:
         final = cfg.run_dir / f"{cfg.name}{suffix}"
         continuing = bool(cfg.init_from) and _same_file(cfg.init_from, final)  # training an embedding in place

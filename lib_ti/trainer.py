@@ -1,20 +1,23 @@
 """The training loop.
 
-Only the embedding's vectors train: they are float32 leaf tensors owned here, spliced into the
-prompt by the engine; every model weight stays frozen. Each optimizer step draws its batch, noise
-and timesteps from generators seeded by (seed, step), so a resumed run repeats exactly what the
-uninterrupted run would have done.
+The embedding's vectors train: they are float32 leaf tensors owned here, spliced into the prompt by
+the engine; every model weight stays frozen. In pivotal mode LoRA adapters (``lora.Adapters``, float32
+leaf tensors too, hooked onto the model's layers for the run) train with them, in a second parameter
+group with its own schedule, and the vectors stop after ``ti_fraction`` of the steps. Each optimizer
+step draws its batch, noise, timesteps and dropout from generators seeded by (seed, step), so a resumed
+run repeats exactly what the uninterrupted run would have done.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import math
 import operator
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,13 +25,22 @@ import torch
 import torch.nn.functional as F
 
 from . import events
-from .checkpoints import TrainingState, checkpoint_path, list_states, load_latest, remove_checkpoint, save_checkpoint
+from .checkpoints import (
+    TrainingState,
+    checkpoint_path,
+    final_lora_path,
+    list_states,
+    load_latest,
+    remove_checkpoint,
+    save_checkpoint,
+)
 from .config import TrainConfig
 from .data import TrainingData, prepare_data
 from .devices import autocast_dtype
 from .embedding import match_to_model
 from .engine import (
     MAX_NORM_FACTOR,
+    TRAINER,
     Engine,
     PreviewRequest,
     add_noise,
@@ -40,7 +52,9 @@ from .engine import (
 from .errors import TIError, WriteError
 from .fileio import atomic_path
 from .formats.embeddings import load_embedding, save_embedding
+from .formats.lora import kohya_metadata, save_lora
 from .latents import LatentCache
+from .lora import Adapters
 from .losslog import LossLog
 from .runfolder import RunLock, check_new_run, check_run, sweep
 from .schedule import parse_schedule
@@ -72,10 +86,11 @@ def train(engine: Engine, cfg: TrainConfig, *, data: TrainingData | None = None,
             run = _Run.resume(engine, cfg, data, emit) if resume else _Run.start(engine, cfg, data, emit)
             emit(events.Started(run.step, run.total, data.num_images, len(data.samples), [*data.notes, *run.notes],
                                 time.perf_counter() - t_start))
-            reason = run.loop_keeping_progress(should_stop)
+            with run.adapters_attached():
+                reason = run.loop_keeping_progress(should_stop)
         final_path = run.save_final()
     result = events.Result(run.step, final_path, run.log.last_loss, reason != "done", run.describe(reason),
-                           run.skipped)
+                           run.skipped, run.final_lora)
     emit(result)
     return result
 
@@ -91,19 +106,25 @@ class _Run:
     """The state of one training run, and the steps that change it. Built by ``start`` or ``resume``."""
 
     def __init__(self, engine: Engine, cfg: TrainConfig, data: TrainingData, emit: EventHandler, *, step: int,
-                 vectors: dict[str, torch.Tensor], params: list[torch.Tensor], optimizer: torch.optim.Optimizer,
-                 scaler: torch.amp.GradScaler, log: LossLog, latents: LatentCache, notes: list[str]) -> None:
+                 vectors: dict[str, torch.Tensor], trained: list[str], adapters: Adapters | None,
+                 optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, log: LossLog, latents: LatentCache,
+                 notes: list[str]) -> None:
         self.engine, self.cfg, self.data, self.emit = engine, cfg, data, emit
         self.lr_schedule = parse_schedule(cfg.learning_rate)
+        self.lora_schedule = parse_schedule(cfg.lora_learning_rate, what="LoRA learning rate")
         self.clip_schedule = parse_schedule(cfg.clip_value, what="clip value")
         self.total = self.lr_schedule.planned_steps(cfg.steps)
+        self.ti_stop = ti_stop_step(cfg, self.total)
         self.precision = autocast_dtype(cfg.precision, engine.device)
         self.run_dir = cfg.run_dir
         self.start_step = self.step = step
-        self.vectors, self.params = vectors, params  # every encoder's vectors; the trained ones
+        self.vectors, self.trained = vectors, trained  # every encoder's vectors; the keys of the trained ones
+        self.adapters = adapters
+        self.params = [vectors[k] for k in trained] + (adapters.parameters() if adapters else [])
         self.optimizer, self.scaler, self.log, self.latents = optimizer, scaler, log, latents
         self.notes = notes
         self.skipped = self.bad_streak = 0
+        self.final_lora: Path | None = None
 
     # ------------------------------------------------------------------ the two ways a run begins
     @classmethod
@@ -131,11 +152,20 @@ class _Run:
         notes = [n for n in [lr_schedule.describe_end(cfg.steps)] if n] + notes
         # The vectors are float32 leaf tensors of our own, whatever the model's dtype.
         vectors = {k: v.detach().to(engine.device, torch.float32).clone() for k, v in vectors.items()}
-        trained = cfg.train_encoders or list(vectors)
-        params = [vectors[k].requires_grad_(True) for k in vectors if k in trained]
-        if not params:
+        trained = [k for k in vectors if k in (cfg.train_encoders or list(vectors))]
+        if not trained:
             raise TIError(f"train_encoders {cfg.train_encoders} names none of this model's encoders {list(vectors)}")
-        optimizer = make_optimizer(cfg, params, lr_schedule.value_at(step))
+        for k in trained:
+            vectors[k].requires_grad_(True)
+        adapters = make_adapters(engine, cfg, state) if cfg.is_pivotal else None
+        groups = [{"params": [vectors[k] for k in trained], "lr": lr_schedule.value_at(step)}]
+        if adapters is not None:
+            lora_lr = parse_schedule(cfg.lora_learning_rate).value_at(step)
+            groups.append({"params": adapters.parameters(), "lr": lora_lr})
+            notes.append(f"pivotal tuning: LoRA rank {cfg.lora_rank} on {len(adapters.names)} layers "
+                         f"({', '.join(cfg.lora_targets)}); the embedding trains for the first "
+                         f"{ti_stop_step(cfg, total)} of {total} steps")
+        optimizer = make_optimizer(cfg, groups)
         scaler = torch.amp.GradScaler(engine.device.type,
                                       enabled=autocast_dtype(cfg.precision, engine.device) == torch.float16)
         log = LossLog(cfg.run_dir / "loss.csv", truncate_after=step)
@@ -148,10 +178,19 @@ class _Run:
         if step >= total:
             notes.append(f"the checkpoint is already at step {step} of {total}: nothing to train")
         latents = LatentCache.build(engine, data.samples, cfg, cfg.run_dir)
-        return cls(engine, cfg, data, emit, step=step, vectors=vectors, params=params, optimizer=optimizer,
-                   scaler=scaler, log=log, latents=latents, notes=notes)
+        return cls(engine, cfg, data, emit, step=step, vectors=vectors, trained=trained, adapters=adapters,
+                   optimizer=optimizer, scaler=scaler, log=log, latents=latents, notes=notes)
 
     # ------------------------------------------------------------------ the loop
+    @contextlib.contextmanager
+    def adapters_attached(self) -> Iterator[None]:
+        """The LoRA adapters hooked onto the model for the loop (previews included); none left after."""
+        if self.adapters is None:
+            yield
+            return
+        with self.adapters.attached():
+            yield
+
     def loop_keeping_progress(self, should_stop: Callable[[], bool]) -> str:
         """``loop``; after a failure the steps done are saved (if the vectors are fit to) before it is raised."""
         try:
@@ -170,9 +209,7 @@ class _Run:
         while self.step < self.total:
             if should_stop():
                 return "stopped"
-            lr = self.lr_schedule.value_at(self.step)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            lr = self.set_rates()
             loss = functools.reduce(operator.add, [self.backward(micro) for micro in range(self.cfg.grad_accum)])
             self.optimizer_step(loss)
             self.step += 1
@@ -184,13 +221,41 @@ class _Run:
                 timer.pause(self.preview)
         return "done"
 
+    def set_rates(self) -> float:
+        """This step's learning rates; after ``ti_stop`` the vectors are frozen (no gradient through the text
+        encoder unless it has adapters). Returns the embedding's rate."""
+        lr = self.lr_schedule.value_at(self.step)
+        embedding_on = self.step < self.ti_stop
+        for key in self.trained:
+            self.vectors[key].requires_grad_(embedding_on)
+        groups = self.optimizer.param_groups
+        groups[0]["lr"] = lr if embedding_on else 0.0
+        if self.adapters is not None:
+            groups[1]["lr"] = self.lora_schedule.value_at(self.step)
+        return lr
+
     def backward(self, micro: int) -> torch.Tensor:
         """One micro-batch: forward, loss (float32), scaled backward. Returns the detached loss."""
         batch = self.draw_batch(micro)
         generator = torch.Generator().manual_seed(step_seed(self.cfg.seed, self.step, micro, "noise"))
-        loss = batch_loss(self.engine, self.cfg, batch, self.vectors, generator, self.precision) / self.cfg.grad_accum
-        self.scaler.scale(loss).backward()
+        with self.dropout_rng(micro):
+            loss = batch_loss(self.engine, self.cfg, batch, self.vectors, generator, self.precision)
+            loss = loss / self.cfg.grad_accum
+            self.scaler.scale(loss).backward()
         return loss.detach()
+
+    @contextlib.contextmanager
+    def dropout_rng(self, micro: int) -> Iterator[None]:
+        """LoRA dropout draws from the global RNG (so that checkpointing replays it): seeded per micro-batch,
+        and put back afterwards, so that a resumed run drops the same inputs and nothing else sees a change."""
+        if self.adapters is None or not self.adapters.dropout:
+            yield
+            return
+        device = self.engine.device
+        forked: list[int] | None = [] if device.type == "cpu" else None  # None: every device of the type
+        with torch.random.fork_rng(devices=forked, device_type=device.type if device.type != "cpu" else "cuda"):
+            torch.manual_seed(step_seed(self.cfg.seed, self.step, micro, "dropout"))
+            yield
 
     def draw_batch(self, micro: int) -> Batch:
         indices = self.data.batch_indices(self.step * self.cfg.grad_accum + micro)
@@ -205,10 +270,11 @@ class _Run:
         self.scaler.unscale_(self.optimizer)
         grads_ok = torch.stack([torch.isfinite(p.grad).all() for p in self.params if p.grad is not None]).all()
         vectors_ok = self.vectors_plausible()
+        if self.adapters is not None:
+            vectors_ok = vectors_ok & self.adapters.finite()
         if not bool(torch.isfinite(loss) & grads_ok & vectors_ok):  # one host sync per step: never train on NaN
             if not bool(vectors_ok):
-                raise Diverged(f"training diverged: after step {self.step} "
-                               f"{vector_problem(self.vectors, self.engine.token_norms)}")
+                raise Diverged(f"training diverged: after step {self.step} {self.weights_problem()}")
             self._skip(loss)
             return
         self.bad_streak = 0
@@ -237,8 +303,13 @@ class _Run:
     def vectors_plausible(self) -> torch.Tensor:
         """On the device, no sync: every trained vector is finite and within ``MAX_NORM_FACTOR`` token norms."""
         norms = self.engine.token_norms
-        return torch.stack([v.detach().float().norm(dim=1).max() <= MAX_NORM_FACTOR * norms.get(k, math.inf)
-                            for k, v in self.vectors.items() if v.requires_grad]).all()  # NaN compares False
+        return torch.stack([self.vectors[k].detach().float().norm(dim=1).max() <= MAX_NORM_FACTOR
+                            * norms.get(k, math.inf) for k in self.trained]).all()  # NaN compares False
+
+    def weights_problem(self) -> str | None:
+        """Why the vectors or the adapters must not be saved (``vector_problem``, a non-finite adapter), or None."""
+        problem = vector_problem(self.vectors, self.engine.token_norms)
+        return problem or (self.adapters.problem() if self.adapters is not None else None)
 
     def diverged(self, exc: Diverged) -> Diverged:
         """``exc``, naming the checkpoint the run can go on from."""
@@ -261,17 +332,23 @@ class _Run:
     def save(self, is_final: bool) -> Path:
         """Write this step's checkpoint (and with ``is_final`` the final embedding); vectors unfit to save never
         are: nothing is written, counted by keep_last or published, and ``Diverged`` is raised."""
-        problem = vector_problem(self.vectors, self.engine.token_norms)
+        problem = self.weights_problem()
         if problem:
             raise Diverged(f"training diverged: after step {self.step} {problem}")
         emb = embedding_of(self.engine, self.cfg.name, self.vectors, self.step)
+        weights = self.adapters.weights() if self.adapters is not None else None
         state = TrainingState(self.step, emb.vectors, self.optimizer.state_dict(), self.scaler.state_dict()
-                              if self.scaler.is_enabled() else None, self.cfg.to_dict(), self.log.pending_values())
-        checkpoint = save_checkpoint(self.run_dir, emb, state, self.cfg.save_format, self.cfg.keep_last)
-        path = checkpoint
+                              if self.scaler.is_enabled() else None, self.cfg.to_dict(), self.log.pending_values(),
+                              TrainingState.lora_payload(weights) if weights is not None else None)
+        metadata = lora_metadata(self.engine, self.cfg, self.step)
+        checkpoint = save_checkpoint(self.run_dir, emb, state, self.cfg.save_format, self.cfg.keep_last, metadata)
+        path, lora = checkpoint, None
         if is_final:
             path = save_embedding(emb, self.run_dir / f"{self.cfg.name}.{self.cfg.save_format}", overwrite=True)
-        self.emit(events.Saved(self.step, path, is_final, checkpoint))
+            if weights is not None:
+                lora = self.final_lora = save_lora(weights, final_lora_path(self.run_dir, self.cfg.name), metadata,
+                                                   overwrite=True)
+        self.emit(events.Saved(self.step, path, is_final, checkpoint, lora))
         return path
 
     def save_final(self) -> Path:
@@ -282,7 +359,7 @@ class _Run:
 
     def save_after_error(self) -> None:
         """Keep the steps done before a crash (out of memory, a host error): --resume continues from here."""
-        if self.step <= self.start_step or vector_problem(self.vectors, self.engine.token_norms):
+        if self.step <= self.start_step or self.weights_problem():
             return
         try:
             path = self.save(is_final=False)
@@ -318,6 +395,33 @@ def _clear_old_run(cfg: TrainConfig) -> None:
     check_new_run(cfg)
     for step, _ in list_states(cfg.run_dir, cfg.name):  # an old run's later checkpoints must not outlive this one's
         remove_checkpoint(cfg.run_dir, cfg.name, step)
+    final_lora_path(cfg.run_dir, cfg.name).unlink(missing_ok=True)  # nor its LoRA, made for another embedding
+
+
+def make_adapters(engine: Engine, cfg: TrainConfig, state: TrainingState | None) -> Adapters:
+    """The run's LoRA adapters on the layers ``cfg.lora_targets`` name: the checkpoint's, or new ones."""
+    modules = engine.lora_modules(cfg.lora_targets)
+    if not modules:
+        raise TIError(f"lora_targets {cfg.lora_targets} found no layer to adapt in this model")
+    if state is not None:
+        weights = state.lora_weights
+        if weights is None:
+            raise TIError("the checkpoint holds no LoRA: it is of an embedding run; resume it with mode embedding")
+        return Adapters(modules, weights, cfg.lora_dropout)
+    return Adapters.new(modules, rank=cfg.lora_rank, alpha=cfg.lora_scale_alpha, dropout=cfg.lora_dropout,
+                        seed=step_seed(cfg.seed, 0, 0, "lora"))
+
+
+def ti_stop_step(cfg: TrainConfig, total: int) -> int:
+    """The step after which the vectors no longer train: ``ti_fraction`` of the planned steps (pivotal mode)."""
+    return max(1, round(cfg.ti_fraction * total)) if cfg.is_pivotal else total
+
+
+def lora_metadata(engine: Engine, cfg: TrainConfig, step: int) -> dict[str, str]:
+    return kohya_metadata(family=engine.family, rank=cfg.lora_rank, alpha=cfg.lora_scale_alpha,
+                          dropout=cfg.lora_dropout, targets=list(cfg.lora_targets), name=cfg.name, steps=step,
+                          checkpoint_name=engine.checkpoint_name, checkpoint_hash=engine.checkpoint_hash,
+                          trainer=TRAINER)
 
 
 def _initial_vectors(engine: Engine, cfg: TrainConfig) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -349,8 +453,11 @@ def batch_loss(engine: Engine, cfg: TrainConfig, batch: Batch, vectors: dict[str
                generator: torch.Generator, precision: torch.dtype) -> torch.Tensor:
     """The denoising loss of one batch, in float32; noise and timesteps come from ``generator``."""
     device = engine.device
-    noise = torch.randn(batch.latents.shape, generator=generator).to(device)
+    noise = torch.randn(batch.latents.shape, generator=generator)
     timesteps = torch.randint(0, len(engine.alphas_cumprod), (noise.shape[0],), generator=generator).to(device)
+    if cfg.noise_offset:  # one offset per image and channel (Crosslabs' noise offset), drawn after the rest
+        noise = noise + cfg.noise_offset * torch.randn(noise.shape[:2] + (1, 1), generator=generator)
+    noise = noise.to(device)
     alphas = engine.alphas_cumprod
     with torch.autocast(device.type, dtype=precision, enabled=precision != torch.float32):
         size = (batch.latents.shape[-2] * 8, batch.latents.shape[-1] * 8)  # pixels: the VAE downsamples by 8
@@ -387,15 +494,16 @@ def step_seed(seed: int, step: int, micro: int, purpose: str) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def make_optimizer(cfg: TrainConfig, params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+def make_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    """One optimizer over the parameter groups (the vectors; in pivotal mode the adapters), each with its ``lr``."""
     if cfg.optimizer == "prodigy":
         try:
             from prodigyopt import Prodigy
         except ImportError:
             raise TIError("optimizer 'prodigy' needs the prodigyopt package: pip install prodigyopt "
                           "(or use optimizer 'adamw')") from None
-        return Prodigy(params, lr=lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+        return Prodigy(groups, lr=groups[0]["lr"], weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=groups[0]["lr"], weight_decay=cfg.weight_decay)
 
 
 def preview_request(cfg: TrainConfig, data: TrainingData) -> PreviewRequest:

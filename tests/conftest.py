@@ -1,4 +1,4 @@
-"""Shared fixtures. ``tiny_model`` builds each tiny SD model once per test session."""
+"""Shared fixtures. ``tiny_model`` builds each tiny SD model once per test session; ``cli`` runs the command line."""
 
 from __future__ import annotations
 
@@ -39,3 +39,23 @@ def tiny_model(tmp_path_factory):
         return built[key]
 
     return make
+
+
+@pytest.fixture
+def cli(capsys):
+    """``cli(*args) -> (exit code, stdout, stderr)``: ``python -m lib_ti ARGS`` in this process.
+
+    The fast tier checks the command line this way (a fresh interpreter costs 3-5 s of imports per call);
+    the slow tier's journeys start real ``python -m lib_ti`` processes.
+    """
+    from lib_ti.cli import main
+
+    def run(*args) -> tuple[int, str, str]:
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:  # argparse: --help and usage errors
+            code = exc.code if isinstance(exc.code, int) else 2
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

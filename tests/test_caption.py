@@ -3,17 +3,13 @@ model loading, batching, generation and file writing are the real code paths."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 from tricky_images import BLUE, GREEN, RED, UNICODE_NAME, halves
 
-from lib_ti.cli import main
 from lib_ti.dataset.blip import DEFAULT_MODEL, load_blip
 from lib_ti.dataset.caption import CaptionOptions, caption_folder, compose, per_image, review_items, save_caption
 from lib_ti.errors import TIError
@@ -173,25 +169,24 @@ def test_review_items_and_saving_a_caption(tmp_path):
         save_caption(folder / "gone.png", "x")
 
 
-def test_cli_captions_with_a_model_id_from_the_local_cache(blip_dir, tmp_path, monkeypatch, capsys):
+def test_cli_captions_with_a_model_id_from_the_local_cache(blip_dir, tmp_path, monkeypatch, cli):
     cache = tmp_path / "hf-cache"
     snapshot = cache / "models--local--tiny-blip" / "snapshots" / ("0" * 40)
     shutil.copytree(blip_dir, snapshot)
     (cache / "models--local--tiny-blip" / "refs").mkdir()
     (cache / "models--local--tiny-blip" / "refs" / "main").write_text("0" * 40)
     folder = images_folder(tmp_path / "imgs", 3)
-    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "lib_ti", "caption", "--data", folder, "--model", "local/tiny-blip",
-                           "--num-beams", "1", "--batch-size", "2", "--trigger", "[name]", "--device", "cpu"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert "3 written, 0 existing kept, 0 skipped" in proc.stdout and "3/3" in proc.stderr
-    assert all(caption_text(p).startswith("[name]") for p in folder.glob("*.png"))
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # what HF_HUB_CACHE in the environment sets
-    assert main(["caption", "--data", str(folder)]) == 2  # the default model is not in this cache
-    err = capsys.readouterr().err
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    code, out, err = cli("caption", "--data", folder, "--model", "local/tiny-blip", "--num-beams", "1",
+                         "--batch-size", "2", "--trigger", "[name]", "--device", "cpu")
+    assert code == 0, err
+    assert "3 written, 0 existing kept, 0 skipped" in out and "3/3" in err
+    assert all(caption_text(p).startswith("[name]") for p in folder.glob("*.png"))
+    code, _, err = cli("caption", "--data", folder)
+    assert code == 2  # the default model is not in this cache
     assert f"no model id {DEFAULT_MODEL!r} in the local Hugging Face cache ({cache})" in err
 
 

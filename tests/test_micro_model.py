@@ -170,19 +170,17 @@ def test_demo_trains_on_the_micro_model_and_writes_the_before_after_grid(tmp_pat
     assert "100%" in proc.stderr  # the progress bar ran to the end
 
 
-def test_bench_quality_through_a_webui_that_is_not_there_says_so(tmp_path):
+def test_bench_quality_through_a_webui_that_is_not_there_says_so(tmp_path, cli):
     import socket
 
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.run([sys.executable, "-m", "lib_ti", "bench", "quality", "--engine", "webui", "--webui-url",
-                           f"http://127.0.0.1:{port}", "--out", str(tmp_path / "bq")], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 2 and "cannot reach the webui" in proc.stderr and "--api" in proc.stderr, proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "lib_ti", "bench", "quality", "--engine", "webui", "--model", "x"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "--model is for --engine standalone" in proc.stderr, proc.stderr
+    code, _, err = cli("bench", "quality", "--engine", "webui", "--webui-url", f"http://127.0.0.1:{port}",
+                       "--out", tmp_path / "bq")
+    assert code == 2 and "cannot reach the webui" in err and "--api" in err, err
+    code, _, err = cli("bench", "quality", "--engine", "webui", "--model", "x")
+    assert code == 2 and "--model is for --engine standalone" in err, err
 
 
 def test_bench_quality_compares_trainer_settings_but_keeps_its_own(tmp_path):

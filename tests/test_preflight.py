@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -141,6 +139,13 @@ def test_memory_estimate_follows_the_documented_formula():
     sdxl = estimate_memory(config(".", width=1024, height=1024))
     assert sdxl.family == "sdxl" and sdxl.guessed and 12 < sdxl.total_gib < 20
     assert "guessed from the resolution" in sdxl.describe()
+    assert "GPU memory" in sd1.describe() and "CPU" not in sd1.describe()
+
+
+def test_memory_estimate_on_the_cpu_speaks_of_ram_and_float32_weights():
+    cpu = estimate_memory(config(".", width=512, height=512), "sd1", on_cpu=True)
+    assert cpu.weights_gib == pytest.approx((983 * 4 + 84 * 4) * 1e6 / 2**30)
+    assert "RAM (the run computes on the CPU)" in cpu.describe() and "GPU" not in cpu.describe()
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
@@ -161,16 +166,14 @@ def test_existing_run_is_a_warning(tricky, tmp_path):
     assert not any("step 40" in w for w in check(config(tricky, output_dir=str(run), overwrite=True)).warnings)
 
 
-def test_cli_check_exit_codes_and_json(tricky, tmp_path):
-    good = subprocess.run([sys.executable, "-m", "lib_ti", "check", "--data", tricky, "--width", "128", "--height",
-                           "128", "--name", "my-cup", "--buckets"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
-    assert good.returncode == 0, good.stderr
-    assert "images: 8 usable, 2 skipped" in good.stdout and "buckets: 64x192 x1" in good.stdout
-    assert "ready to train" in good.stdout and "loading" not in good.stderr
-    bad = subprocess.run([sys.executable, "-m", "lib_ti", "check", "--data", tricky, "--template", "captions",
-                          "--learning-rate", "0.5", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 1
-    shown = json.loads(bad.stdout)
+def test_cli_check_exit_codes_and_json(tricky, cli):
+    code, out, err = cli("check", "--data", tricky, "--width", "128", "--height", "128", "--name", "my-cup",
+                         "--buckets")
+    assert code == 0, err
+    assert "images: 8 usable, 2 skipped" in out and "buckets: 64x192 x1" in out
+    assert "ready to train" in out and "loading" not in err
+    code, out, _ = cli("check", "--data", tricky, "--template", "captions", "--learning-rate", "0.5", "--json")
+    assert code == 1
+    shown = json.loads(out)
     assert shown["ok"] is False and shown["usable"] == 8 and len(shown["skipped"]) == 2
     assert any("no caption" in p for p in shown["problems"]) and any("very high" in w for w in shown["warnings"])

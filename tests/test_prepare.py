@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +10,6 @@ import pytest
 from PIL import Image, ImageDraw, ImageOps
 from tricky_images import BLUE, GREEN, RED, UNICODE_NAME, draw_tricky, halves
 
-from lib_ti.cli import main
 from lib_ti.dataset.crops import cover_box, is_oversized, subject_box, tile_boxes
 from lib_ti.dataset.prepare import PrepareOptions, output_stems, run, safe_stem
 from lib_ti.errors import TIError
@@ -208,23 +205,21 @@ def test_folders_are_checked_before_any_work(tricky, tmp_path):
     assert prepare(src, used, overwrite=True).written
 
 
-def test_cli_prepare_shows_progress_and_the_report(tricky, tmp_path, capsys):
+def test_cli_prepare_shows_progress_and_the_report(tricky, tmp_path, cli):
     src, _ = tricky
-    with pytest.raises(SystemExit):
-        main(["prepare", "--help"])
-    help_text = capsys.readouterr().out
+    code, help_text, _ = cli("prepare", "--help")
+    assert code == 0
     for flag in ("--src", "--dst", "--crop", "--auto-size", "--split", "--split-overlap", "--flip", "--keep-alpha",
                  "--background", "--no-dedupe", "--min-size", "--overwrite"):
         assert flag in help_text, flag
-    proc = subprocess.run([sys.executable, "-m", "lib_ti", "prepare", "--src", src, "--dst", tmp_path / "out",
-                           "--width", "64", "--height", "64", "--flip"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert "10/10" in proc.stderr and "image/s" in proc.stderr  # the tqdm bar
+    code, out, err = cli("prepare", "--src", src, "--dst", tmp_path / "out", "--width", "64", "--height", "64",
+                         "--flip")
+    assert code == 0, err
+    assert "10/10" in err and "image/s" in err  # the tqdm bar
     # 6 images plus 4 mirrored copies: the solid CMYK red and the red-over-blue crop mirror onto themselves
-    assert "10 image(s) written from 6 of 10 source(s), 4 skipped" in proc.stdout
-    assert main(["prepare", "--src", str(src), "--dst", str(src)]) == 2
-    assert capsys.readouterr().err.startswith("[TI Trainer] prepare dst=")
+    assert "10 image(s) written from 6 of 10 source(s), 4 skipped" in out
+    code, _, err = cli("prepare", "--src", src, "--dst", src)
+    assert code == 2 and err.startswith("[TI Trainer] prepare dst=")
 
 
 def test_progress_is_reported_and_a_stop_request_is_honoured(tricky, tmp_path):

@@ -97,6 +97,7 @@ def host_folders(tmp_path, monkeypatch):
     monkeypatch.setattr(a1111, "embeddings_dir", lambda: webui / "embeddings")
     monkeypatch.setattr(a1111, "extra_read_roots", lambda: [])
     monkeypatch.setattr(a1111, "loaded_embedding_file", lambda name: None)
+    monkeypatch.setattr(a1111, "ui_exposed", lambda: False)
     return webui
 
 
@@ -208,6 +209,297 @@ def test_a_resume_request_continues_the_runs_own_config(host_folders):
     assert runner.request_config({"name": "tok", "steps": 3}, resume=False).template == "auto"  # a new run
 
 
+# ---------------------------------------------------------------------- the host's progress and stop flags
+@pytest.fixture()
+def fake_shared(monkeypatch):
+    """``modules.shared`` with the job-state fields a1111 reads and writes (no webui installed in CI)."""
+    import sys
+    import types
+
+    state = types.SimpleNamespace(job="", job_no=0, job_count=0, textinfo=None, sampling_step=0, sampling_steps=0,
+                                  processing_has_refined_job_count=False, time_start=1000.0, interrupted=False,
+                                  skipped=False, stopping_generation=False)
+    shared = types.SimpleNamespace(state=state, total_tqdm="the host's bar")
+    modules = types.ModuleType("modules")
+    modules.shared = shared  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "modules", modules)
+    monkeypatch.setitem(sys.modules, "modules.shared", shared)
+    monkeypatch.setattr(a1111, "_clock", {})
+    return shared
+
+
+def _host_eta(state, now: float) -> float:
+    """The host's own ETA (modules/progress.py progressapi, v1.10.1) from the job state."""
+    progress = min(state.job_no / state.job_count, 1)
+    elapsed = now - state.time_start
+    return elapsed / progress - elapsed
+
+
+def test_the_host_bar_shows_plain_text_and_this_sessions_eta(fake_shared, monkeypatch):
+    import time
+
+    clock = [5000.0]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    a1111.progress_begin(100, 40, "tok")  # a resumed run: 40 steps were done before, data loading took long
+    clock[0] += 30.0  # 30 s for 10 steps of this session: the 50 steps left take 150 s
+    a1111.progress_step(50, 100, "tok")
+    state = fake_shared.state
+    assert state.job_no == 50 and state.job_count == 100
+    assert "<" not in state.textinfo and "\n" not in state.textinfo and "step 50/100" in state.textinfo
+    assert _host_eta(state, clock[0]) == pytest.approx(150.0)
+    clock[0] += 90.0  # 20 more steps in 90 s: slower now, (30 + 90) s / 30 steps x 30 left
+    a1111.progress_step(70, 100, "tok")
+    assert _host_eta(state, clock[0]) == pytest.approx(120.0)
+    a1111.progress_end()
+    assert state.time_start == 1000.0  # the host logs the job's real duration
+
+
+def test_eta_is_left_to_the_host_before_the_first_step_and_at_the_end():
+    assert a1111.host_time_start(10.0, 0.0, 5, 5, 100) is None
+    assert a1111.host_time_start(10.0, 0.0, 0, 100, 100) is None
+    assert a1111.host_time_start(10.0, 0.0, 0, 10, 100) == pytest.approx(0.0)  # a fresh run: the host's own ETA
+
+
+@pytest.mark.parametrize("flag", a1111.STOP_FLAGS)
+def test_interrupt_skip_and_stop_after_image_each_stop_a_run(fake_shared, flag):
+    assert not a1111.host_interrupted()
+    setattr(fake_shared.state, flag, True)
+    assert a1111.host_interrupted()
+
+
+def test_a_preview_render_keeps_the_training_job_and_the_stop_requests(fake_shared):
+    state = fake_shared.state
+    state.job_count, state.job_no, state.textinfo, state.skipped = 100, 42, "Training tok: step 42/100", True
+    with a1111._job_state_kept(state), a1111._quiet_total_progress(fake_shared):
+        # what the host's txt2img does: one image of 20 steps, Skip cleared at the image's start
+        state.job_count, state.job_no, state.sampling_steps, state.skipped = 1, 1, 20, False
+        fake_shared.total_tqdm.update()
+        fake_shared.total_tqdm.updateTotal(2000)
+        fake_shared.total_tqdm.clear()
+        state.interrupted = True  # Interrupt pressed during the render
+    assert (state.job_count, state.job_no, state.sampling_steps) == (100, 42, 0)
+    assert state.textinfo == "Training tok: step 42/100"
+    assert state.skipped and state.interrupted  # both still stop the run after the render
+    assert fake_shared.total_tqdm == "the host's bar"
+
+
+# ---------------------------------------------------------------------- the tab: runs outlive the page
+def _form_args(**changes) -> tuple:
+    """The Train/Resume buttons' arguments: task id, the form's values, "previews from txt2img"."""
+    values = dict(zip(webui_tab.FIELD_NAMES, webui_tab.values_from_config(TrainConfig()), strict=True))
+    values.update(changes)
+    return ("task(abc)", *[values[name] for name in webui_tab.FIELD_NAMES], False)
+
+
+@pytest.fixture()
+def no_jobs(monkeypatch):
+    monkeypatch.setattr(runner, "JOBS", {})
+    started: list = []
+    monkeypatch.setattr(runner, "start", lambda job, cfg, resume: started.append((job, cfg, resume)))
+    return started
+
+
+def test_train_while_a_run_is_active_is_refused_at_once_naming_it(host_folders, no_jobs):
+    active = runner.new_job(TrainConfig(name="first"))
+    active.state, active.step, active.total_steps = "running", 40, 100
+    message, _ = webui_tab._train_clicked(*_form_args(name="second", data_dir=str(host_folders / "data")))
+    assert "ti-trainer-error" in message and "first" in message and "step 40 of 100" in message
+    assert not no_jobs and list(runner.JOBS.values()) == [active]  # nothing queued to start later
+
+
+def test_train_answers_at_once_and_the_run_goes_on_in_its_own_thread(host_folders, no_jobs):
+    message, _ = webui_tab._train_clicked(*_form_args(name="tok", data_dir=str(host_folders / "data")))
+    assert "ti-trainer-error" not in message, message
+    ((job, cfg, resume),) = no_jobs
+    assert job.task_id == "task(abc)" and cfg.name == "tok" and not resume and job.active
+    assert job.settings["data_dir"] == str(host_folders / "data")
+
+
+def test_runner_start_holds_the_gpu_lock_under_the_runs_task_id(monkeypatch):
+    import contextlib
+
+    seen = []
+
+    @contextlib.contextmanager
+    def gpu_job(task_id):
+        seen.append(("lock", task_id))
+        yield
+        seen.append(("unlock", task_id))
+
+    monkeypatch.setattr(a1111, "gpu_job", gpu_job)
+    monkeypatch.setattr(runner, "run", lambda job, cfg, resume: seen.append(("run", job.name, resume)))
+    job = Job("tok-1", "tok", task_id="task(xyz)")
+    runner.start(job, TrainConfig(name="tok"), resume=True).join(5)
+    assert seen == [("lock", "task(xyz)"), ("run", "tok", True), ("unlock", "task(xyz)")]
+
+
+def test_the_run_panel_is_polled_from_the_server_after_a_reload(host_folders, no_jobs):
+    import json
+
+    status, panel, gallery = webui_tab._poll("{}")
+    assert status == "{}" and "No run" in panel and gallery == {"__type__": "update"}
+    job = runner.new_job(TrainConfig(name="tok", width=64, height=64, data_dir="/data/tok"), "task(abc)")
+    job.handle(events.Started(0, 100, 4, 4, []))
+    job.handle(events.Step(10, 100, 0.125, 0.005, 2.0, 5.0, 45.0))
+    job.handle(events.Preview(10, Path("previews/tok-10.png"), image=None))
+    status, panel, gallery = webui_tab._poll("{}")  # a fresh page: no state of its own
+    assert json.loads(status) == {"run_id": job.run_id, "task_id": "task(abc)", "state": "running", "active": True,
+                                  "previews": 1}
+    assert "tok" in panel and "10 / 100" in panel and "0.1250" in panel and "0:45" in panel and "/data/tok" in panel
+    assert gallery["value"] == [(str(Path("previews/tok-10.png")), "step 10")]
+    assert webui_tab._poll(status)[2] == {"__type__": "update"}  # previews unchanged: the gallery is left alone
+    assert "Stopping tok" in webui_tab._stop_clicked() and job.should_stop()  # Stop from the reloaded page
+    job.fail(TIError("the data folder is empty"))
+    status, panel, _ = webui_tab._poll(status)
+    assert json.loads(status)["active"] is False and "ti-trainer-failed" in panel and "data folder is empty" in panel
+
+
+def _saved_run(host_folders, **settings) -> TrainConfig:
+    import torch
+
+    from lib_ti.checkpoints import TrainingState, save_checkpoint
+    from lib_ti.embedding import Embedding
+
+    run_dir = host_folders / "runs" / "tok"
+    saved = TrainConfig(name="tok", data_dir=str(host_folders / "data"), output_dir=str(run_dir), **settings)
+    vectors = {"clip_l": torch.zeros(1, 8)}
+    save_checkpoint(run_dir, Embedding("tok", vectors, 5), TrainingState(5, vectors, {}, None, saved.to_dict(), []),
+                    "safetensors", keep_last=0)
+    saved.save(run_dir / "config.yaml")
+    return saved
+
+
+def test_resume_continues_the_saved_run_and_refuses_other_differences(host_folders, no_jobs):
+    _saved_run(host_folders, width=64, height=64, steps=10, template="style", seed=7)
+    data = str(host_folders / "data")
+    message, runs = webui_tab._resume_clicked(*_form_args(name="tok", data_dir=data))  # a reloaded page's defaults
+    assert "ti-trainer-error" in message and not no_jobs
+    assert "Width: run 64, form 512" in message and "Prompt template: run &#x27;style&#x27;" in message
+    assert "Seed: run 7, form 0" in message and "Load run" in message and runs["value"] == "tok"
+    args = _form_args(name="tok", data_dir=data, width=64, height=64, template="style", seed=7, steps=30.0,
+                      learning_rate="0.002")
+    message, _ = webui_tab._resume_clicked(*args)
+    ((job, cfg, resume),) = no_jobs
+    assert resume and (cfg.steps, cfg.learning_rate, cfg.width, cfg.seed) == (30, "0.002", 64, 7)
+
+
+def test_load_run_fills_the_form_with_the_saved_config(host_folders, no_jobs):
+    saved = _saved_run(host_folders, width=64, height=64, steps=10, template="captions", train_encoders=["clip_g"],
+                       learning_rate="0.05:10, 0.005")
+    assert webui_tab._run_choices() == ["tok"]
+    message, *values = webui_tab._load_clicked("tok")
+    assert "Loaded the settings of tok" in message
+    form = dict(zip(webui_tab.FIELD_NAMES, values, strict=True))
+    assert (form["width"], form["template"], form["train_encoders"], form["output_dir"]) == (64, "captions", "clip_g",
+                                                                                            "tok")
+    loaded = webui_tab.config_from_values(values, False, [])
+    assert loaded.replace(output_dir=saved.output_dir) == saved
+    message, *values = webui_tab._load_clicked("")
+    assert "ti-trainer-error" in message and values == [{"__type__": "update"}] * len(webui_tab.FIELD_NAMES)
+    with pytest.raises(TIError, match="output_dir"):
+        runner.load_run("../elsewhere")
+
+
+@pytest.mark.parametrize(("family", "parameterization", "latent", "levels", "side"), [
+    ("sd1", "eps", 64, 4, 512), ("sd2", "v", 96, 4, 768), ("sd2", "eps", 64, 4, 512), ("sdxl", "eps", 0, 4, 1024),
+    ("sd1", "eps", 8, 4, 64)])  # the last: the micro model (8 latents, a 4-level VAE)
+def test_default_size_fits_the_loaded_model(family, parameterization, latent, levels, side, monkeypatch):
+    assert a1111.training_size(family, parameterization, latent, levels) == side
+    monkeypatch.setattr(a1111, "config_defaults", lambda: {})
+    monkeypatch.setattr(a1111, "loaded_model_size", lambda: side)
+    assert (webui_tab.form_defaults()["width"], webui_tab.form_defaults()["height"]) == (side, side)
+
+
+# ---------------------------------------------------------------------- checkpoints in txt2img
+def test_published_checkpoints_stay_and_carry_their_previews(host_folders, monkeypatch):
+    from lib_ti.checkpoints import checkpoint_dir
+
+    registered = []
+    monkeypatch.setattr(a1111, "register_file", lambda path: registered.append(path.name))
+    monkeypatch.setattr(a1111, "checkpoint_subdir", lambda: "ti-trainer")
+    monkeypatch.setattr(a1111, "progress_image", lambda image: None)
+    cfg = runner.resolve(TrainConfig(name="tok", data_dir=str(host_folders / "data"), keep_last=1), resume=False)
+    job = Job("tok-1", "tok")
+    publisher = runner._Publisher(job, cfg)
+    folder = checkpoint_dir(cfg.run_dir)
+    folder.mkdir(parents=True)
+    (cfg.run_dir / "previews").mkdir()
+    for step in (3, 6):
+        ckpt = folder / f"tok-{step}.safetensors"
+        ckpt.write_bytes(b"embedding %d" % step)
+        publisher.handle(events.Saved(step, ckpt, checkpoint=ckpt))
+        preview = cfg.run_dir / "previews" / f"tok-{step}.png"  # the loop saves first, then renders the preview
+        preview.write_bytes(b"png %d" % step)
+        publisher.handle(events.Preview(step, preview, image=None))
+        if step == 3:
+            ckpt.unlink()  # keep_last=1 prunes the run folder's checkpoint; its published copy must stay
+    final = cfg.run_dir / "tok.safetensors"
+    final.write_bytes(b"final")
+    publisher.handle(events.Saved(6, final, is_final=True, checkpoint=folder / "tok-6.safetensors"))
+    publisher.publish_final()
+    copies = host_folders / "embeddings" / "ti-trainer" / "tok"
+    assert (copies / "tok-3.safetensors").read_bytes() == b"embedding 3"  # still resolvable as tok-3
+    assert (copies / "tok-3.preview.png").read_bytes() == b"png 3"
+    assert (copies / "tok-6.preview.png").read_bytes() == b"png 6"
+    assert (host_folders / "embeddings" / "tok.preview.png").read_bytes() == b"png 6"
+    assert registered[-1] == "tok.safetensors" and "tok-3.safetensors" in registered
+
+
+# ---------------------------------------------------------------------- the comparison grid
+def test_grid_prompts_name_each_checkpoint():
+    from lib_ti.hosts import compare
+
+    cfg = TrainConfig(name="tok", preview_prompt="a tok on a table")
+    assert compare.prompts_from("", cfg) == ["a tok on a table"]
+    assert compare.prompts_from("a [name] toy\n\n a photo of tok ", cfg) == ["a [name] toy", "a photo of tok"]
+    with pytest.raises(TIError, match="do not name the embedding"):
+        compare.prompts_from("a cat\na tokamak", cfg)  # "tokamak" is another word
+    assert compare.prompt_for("a [name] toy, tok style", "tok", "tok-500") == "a tok-500 toy, tok-500 style"
+    assert compare.prompt_for("a tok-100 and tok", "tok", "tok-500") == "a tok-100 and tok-500"
+    with pytest.raises(TIError, match="at most"):
+        compare.prompts_from("\n".join(["[name]"] * (compare.MAX_PROMPTS + 1)), cfg)
+
+
+def test_grid_renders_prompts_by_checkpoints_with_the_runs_preview_parameters(host_folders, no_jobs, monkeypatch):
+    from PIL import Image
+
+    from lib_ti.hosts import compare
+
+    monkeypatch.setattr(a1111, "checkpoint_subdir", lambda: "ti-trainer")
+    copies = host_folders / "embeddings" / "ti-trainer" / "tok"
+    copies.mkdir(parents=True)
+    for step in (100, 20):
+        (copies / f"tok-{step}.safetensors").write_bytes(b"x")
+    (copies / "tok-20.preview.png").write_bytes(b"png")  # a card preview is no checkpoint
+    (host_folders / "embeddings" / "tok.safetensors").write_bytes(b"x")
+    cfg = TrainConfig(name="tok", width=64, height=64, preview_steps=7, preview_seed=3, preview_sampler="DDIM")
+    assert compare.published_checkpoints(cfg) == ["tok-20", "tok-100", "tok"]
+    with pytest.raises(TIError, match="no published checkpoint named 'tok-30'"):
+        compare.checkpoints_from("tok-30", cfg)
+    shades = {"tok-20": 40, "tok-100": 120, "tok": 200}
+    requests = []
+
+    def txt2img(request):
+        requests.append(request)
+        name = next(n for n in sorted(shades, key=len, reverse=True) if n in request.prompt)
+        return Image.new("RGB", (request.width, request.height), (shades[name], 0, 0))
+
+    monkeypatch.setattr(a1111, "txt2img", txt2img)
+    path = compare.render_grid(cfg, "a [name] toy\na tok photo", "tok-20, tok")
+    assert [r.prompt for r in requests] == ["a tok-20 toy", "a tok toy", "a tok-20 photo", "a tok photo"]
+    assert {(r.steps, r.seed, r.sampler_name, r.width) for r in requests} == {(7, 3, "DDIM", 64)}
+    grid = Image.open(path)
+    left = grid.width - 2 * 64
+    assert grid.size == (left + 128, compare.LABEL_HEIGHT + 128)
+    assert grid.getpixel((left + 32, compare.LABEL_HEIGHT + 96))[0] == 40  # row 2, column tok-20
+    assert grid.getpixel((left + 96, compare.LABEL_HEIGHT + 32))[0] == 200  # row 1, column tok
+    assert path.parent == host_folders / "runs" / "tok" / "grids"
+    active = runner.new_job(TrainConfig(name="other"))
+    active.state = "running"
+    _, message = webui_tab._compare_clicked("", "", *_form_args(name="tok"))
+    assert "already active" in message and len(requests) == 4  # refused at once, nothing rendered
+
+
 def test_scoring_in_the_webui_waits_for_training_and_tables_the_scores(tmp_path, monkeypatch):
     from lib_ti.hosts import scoring
     from lib_ti.scoring.score import CheckpointScore, ScoreReport
@@ -226,3 +518,25 @@ def test_scoring_in_the_webui_waits_for_training_and_tables_the_scores(tmp_path,
     table = scoring.report_markdown(ScoreReport("a", "tok", "clip", "a photo of a tok", ["x [name]"], 2, 5, rows, 200))
     assert "| 100 | 0.610 | 0.280 | 1.00 |" in table and "| **200** (recommended) | **0.660** |" in table
     assert "Recommended: step 200, `a/tok-200.safetensors`" in table
+
+
+def test_pivotal_run_publishes_its_lora_and_protects_an_existing_one(host_folders, monkeypatch, tmp_path):
+    loras = host_folders / "models" / "Lora"
+    monkeypatch.setattr(a1111, "lora_dir", lambda: loras)
+    published: list[tuple[Path, Path]] = []
+    monkeypatch.setattr(a1111, "publish", lambda path, target: published.append((path, target)) or target)
+    monkeypatch.setattr(a1111, "publish_lora", lambda path, target: published.append((path, target)) or target)
+    cfg = TrainConfig(name="tok", data_dir=str(host_folders / "data"), mode="pivotal")
+    publisher = runner._Publisher(Job("tok-1", "tok"), cfg)
+    monkeypatch.setattr(publisher, "_publish_checkpoint", lambda step, path: None)
+    publisher.handle(events.Saved(4, tmp_path / "tok.safetensors", True, None, tmp_path / "tok-lora.safetensors"))
+    publisher.publish_final()
+    assert published == [(tmp_path / "tok.safetensors", host_folders / "embeddings" / "tok.safetensors"),
+                         (tmp_path / "tok-lora.safetensors", loras / "tok.safetensors")]  # <lora:tok:1> and tok
+    loras.mkdir(parents=True)
+    (loras / "tok.safetensors").write_bytes(b"x")
+    with pytest.raises(TIError, match="a LoRA named 'tok' already exists"):
+        runner.resolve(cfg, resume=False)
+    assert runner.resolve(cfg.replace(mode="embedding"), resume=False)  # an embedding run leaves it alone
+    with pytest.raises(TIError, match="gradient_checkpointing=True is invalid with mode pivotal"):
+        runner.resolve(cfg.replace(overwrite=True, gradient_checkpointing=True), resume=False)

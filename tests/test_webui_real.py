@@ -416,3 +416,33 @@ def test_bench_quality_runs_its_loop_through_the_webui(webui, tmp_path):
     # the learned token draws the concept far more often than the init word it started from
     assert rows["step 100"]["shape"] >= rows["init word 'shape'"]["shape"] + 0.25, report["rows"]
     assert Path(report["embedding"]) == webui.data_dir / "embeddings" / f"my-{concept}.safetensors"
+
+
+def _render(webui: Webui, prompt: str) -> tuple[dict, str]:
+    code, out = webui.call("POST", "/sdapi/v1/txt2img", {"prompt": prompt, "steps": 2, "width": 64, "height": 64,
+                                                         "sampler_name": "Euler", "seed": 1})
+    assert code == 200, out
+    return json.loads(out["info"]), out["images"][0]
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_a_pivotal_run_writes_a_lora_the_hosts_own_lora_code_uses(webui, dataset, family):
+    from lib_ti.formats.lora import load_lora
+
+    webui.use_model(family)
+    name = f"{family}piv"
+    _, before = _render(webui, "a photo of a cat")
+    code, started = webui.call("POST", "/ti-trainer/v1/train", run_config(
+        dataset, name, steps=4, save_every=2, preview_every=2, mode="pivotal", lora_learning_rate="0.05"))
+    assert code == 202, started
+    status = webui.wait_for_run(started["run_id"])
+    assert status["state"] == "finished" and status["step"] == 4 and not status["warnings"], (status, webui.tail())
+    lora = webui.data_dir / "models" / "Lora" / f"{name}.safetensors"
+    assert lora.is_file() and (webui.data_dir / "embeddings" / f"{name}.safetensors").is_file()
+    assert _render(webui, "a photo of a cat")[1] == before  # the adapters are gone: the host's model is as it was
+    info, with_lora = _render(webui, f"<lora:{name}:1> a photo of {name}")
+    extra = info.get("extra_generation_params", {})
+    assert f"{name}: {load_lora(lora).metadata['sshs_model_hash'][:12]}" in extra.get("Lora hashes", ""), info
+    assert f"{name}: " in extra.get("TI hashes", ""), info
+    # the host's Lora code matched our keys onto its modules: the LoRA changes the render
+    assert with_lora != _render(webui, f"a photo of {name}")[1]

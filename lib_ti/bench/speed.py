@@ -7,6 +7,7 @@ Fixed conditions: 16 synthetic images at the chosen resolution (no bucketing), t
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import platform
 import random
@@ -21,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from .. import events
 from ..config import Precision, TrainConfig
-from ..devices import choose_device, weights_dtype
+from ..devices import DTYPES, choose_device, weights_dtype
 from ..engines.standalone import StandaloneEngine, load_engine
 from ..errors import TIError, say
 from ..models.real import build_random_engine
@@ -30,6 +31,11 @@ from ..trainer import train
 
 TINY_ARCHES = ("tiny-sd1", "tiny-sd2", "tiny-sdxl")
 REAL_ARCHES = ("sd15", "sd21", "sdxl")
+COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune")
+# "builtin": the webui's built-in trainer's step, reproduced on this engine (performance.md, 4.2): the
+# UNet's weights get gradients (never used, never freed), checkpointing on, fp16 weights and GradScaler on
+# a GPU. A reproduction, labelled so: for a ratio on machines where the webui cannot run.
+REPRODUCTIONS = ("", "builtin")
 
 
 @dataclass(frozen=True)
@@ -44,12 +50,19 @@ class SpeedSettings:
     precision: Precision = "auto"
     gradient_checkpointing: bool = False
     device: str = "auto"
+    weights: str = "auto"  # the frozen weights' dtype: auto (fp16 on a GPU, fp32 on the CPU), fp32, fp16, bf16
+    compile: str = ""  # "" (eager) or a torch.compile mode for the UNet
+    reproduce: str = ""  # "" (this trainer) or "builtin"
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.warmup < 0:
             raise TIError(f"bench needs --steps >= 1 and --warmup >= 0, got {self.steps} and {self.warmup}")
         if not self.model and self.arch not in TINY_ARCHES + REAL_ARCHES:
             raise TIError(f"bench --arch {self.arch!r} is unknown: use one of {', '.join(TINY_ARCHES + REAL_ARCHES)}")
+        for name, value, allowed in (("weights", self.weights, ("auto", *DTYPES)), ("compile", self.compile,
+                                     COMPILE_MODES), ("reproduce", self.reproduce, REPRODUCTIONS)):
+            if value not in allowed:
+                raise TIError(f"bench --{name} {value!r} is unknown: use one of {', '.join(map(repr, allowed))}")
 
 
 def run(settings: SpeedSettings) -> dict:
@@ -64,6 +77,12 @@ def measure_speed(args: SpeedSettings, device: torch.device, tmp: Path) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     engine, label = build_engine(args, device, tmp)
+    if args.compile:
+        engine.unet = torch.compile(engine.unet, mode=None if args.compile == "default" else args.compile)
+        label += f", compiled ({args.compile})"
+    if args.reproduce:
+        engine = BuiltinStep(engine)
+        label += ", reproduction of the webui's built-in step"
     load_s = time.perf_counter() - t0
     data_dir = draw_images(tmp / "images", 16, args.resolution)
     template = tmp / "template.txt"
@@ -72,7 +91,7 @@ def measure_speed(args: SpeedSettings, device: torch.device, tmp: Path) -> dict:
                       output_dir=str(tmp / "run"), steps=args.warmup + args.steps, batch_size=args.batch_size,
                       template=str(template), width=args.resolution, height=args.resolution, save_every=0,
                       preview_every=0, log_every=args.warmup + args.steps, precision=args.precision,
-                      gradient_checkpointing=args.gradient_checkpointing)
+                      gradient_checkpointing=args.gradient_checkpointing or bool(args.reproduce))
     record: dict = {"times": []}
 
     def on_event(event):
@@ -89,14 +108,32 @@ def measure_speed(args: SpeedSettings, device: torch.device, tmp: Path) -> dict:
 
 def build_engine(args: SpeedSettings, device: torch.device, tmp: Path):
     """The engine to time and its label: a model from disk, a tiny model, or a real architecture (random weights)."""
+    dtype = weights_dtype(args.weights, device)
     if args.model:
-        return load_engine(args.model, device), Path(args.model).name
-    dtype = weights_dtype("auto", device)
+        return load_engine(args.model, device, args.weights), Path(args.model).name
     if args.arch in TINY_ARCHES:
         path = build_tiny_model(args.arch.removeprefix("tiny-"), tmp / args.arch)
         return StandaloneEngine.load(path, device=device, dtype=dtype), f"{args.arch} (random weights)"
     say(f"building {args.arch} with random weights on {device}")
     return build_random_engine(args.arch, device=device, dtype=dtype), f"{args.arch} (random weights)"
+
+
+class BuiltinStep:
+    """An engine whose UNet weights get gradients during training, as the webui's built-in trainer's do
+    (it never sets ``requires_grad_(False)`` on them): the backward pass computes and keeps their grads."""
+
+    def __init__(self, engine: StandaloneEngine) -> None:
+        self._engine = engine
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)
+
+    @contextlib.contextmanager
+    def frozen(self):
+        with self._engine.frozen():
+            for p in self._engine.unet.parameters():
+                p.requires_grad_(True)
+            yield
 
 
 def _figures(args: SpeedSettings, device: torch.device, label: str, load_s: float, t_train: float,
@@ -109,7 +146,8 @@ def _figures(args: SpeedSettings, device: torch.device, label: str, load_s: floa
     return {
         "model": label, "device": _device_name(device), "torch": torch.__version__, "resolution": args.resolution,
         "batch_size": args.batch_size, "vectors": args.vectors, "precision": args.precision,
-        "gradient_checkpointing": args.gradient_checkpointing, "timed_steps": len(step_s),
+        "gradient_checkpointing": args.gradient_checkpointing or bool(args.reproduce), "weights": args.weights,
+        "compile": args.compile, "reproduce": args.reproduce, "timed_steps": len(step_s),
         "steps_per_s_median": 1 / statistics.median(step_s), "steps_per_s_mean": len(step_s) / window,
         "images_per_s": args.batch_size * len(step_s) / window,
         "step_s_min": min(step_s), "step_s_max": max(step_s),

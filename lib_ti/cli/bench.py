@@ -19,12 +19,13 @@ def add_parser(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks", description="Benchmarks of the trainer.")
     kinds = bench.add_subparsers(title="benchmarks")
     _add_speed(kinds)
+    _add_suite(kinds)
     _add_quality(kinds)
 
 
 # ---------------------------------------------------------------------- bench speed
 def _add_speed(kinds) -> None:
-    from ..bench.speed import REAL_ARCHES, TINY_ARCHES, SpeedSettings
+    from ..bench.speed import COMPILE_MODES, REAL_ARCHES, REPRODUCTIONS, TINY_ARCHES, SpeedSettings
 
     d = SpeedSettings()
     speed = kinds.add_parser("speed", help="time training steps (steps/s, images/s, peak memory, time to first step)",
@@ -42,6 +43,13 @@ def _add_speed(kinds) -> None:
     speed.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "fp16", "bf16"])
     speed.add_argument("--gradient-checkpointing", action="store_true")
     speed.add_argument("--device", default=d.device)
+    speed.add_argument("--weights", default=d.weights, choices=["auto", "fp32", "fp16", "bf16"],
+                       help="the frozen weights' dtype (auto: fp16 on a GPU, fp32 on the CPU)")
+    speed.add_argument("--compile", default=d.compile, choices=COMPILE_MODES[1:],
+                       help="torch.compile the UNet with this mode (default: eager)")
+    speed.add_argument("--reproduce", default=d.reproduce, choices=REPRODUCTIONS[1:],
+                       help="builtin: time a reproduction of the webui's built-in trainer's step instead (UNet "
+                            "weight grads, gradient checkpointing), for a ratio where the webui cannot run")
     speed.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
     speed.set_defaults(run=run_speed)
 
@@ -52,11 +60,36 @@ def run_speed(args: argparse.Namespace) -> int:
     settings = speed.SpeedSettings(
         model=args.model, arch=args.arch, resolution=args.resolution, batch_size=args.batch_size, steps=args.steps,
         warmup=args.warmup, vectors=args.vectors, precision=args.precision,
-        gradient_checkpointing=args.gradient_checkpointing, device=args.device)
+        gradient_checkpointing=args.gradient_checkpointing, device=args.device, weights=args.weights,
+        compile=args.compile, reproduce=args.reproduce)
     figures = speed.run(settings)
     print(speed.format_report(figures))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+# ---------------------------------------------------------------------- bench suite
+def _add_suite(kinds) -> None:
+    suite = kinds.add_parser("suite", help="a matrix of bench speed runs (precisions, batch sizes, checkpointing, "
+                             "torch.compile, the built-in's step) as one table with useful MFU",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    suite.add_argument("--preset", default="gpu", choices=["gpu", "cpu"],
+                       help="gpu: SD1.5-size and SDXL-size random-weight models; cpu: the same on tiny models")
+    suite.add_argument("--budget", type=float, default=450, help="seconds for the whole suite; rows that no longer "
+                       "fit are listed as not run")
+    suite.add_argument("--row-timeout", type=float, default=150, help="seconds one row may take (a compile that "
+                       "hangs stops there)")
+    suite.add_argument("--only", type=int, nargs="+", help="run only these rows of the preset (1-based)")
+    suite.add_argument("--out", default="bench-suite", help="folder for suite.md, suite.json and each row's JSON")
+    suite.set_defaults(run=run_suite)
+
+
+def run_suite(args: argparse.Namespace) -> int:
+    from ..bench import suite  # heavy: torch
+
+    print(suite.run(args.preset, Path(args.out), budget_s=args.budget, row_timeout_s=args.row_timeout,
+                     only=args.only))
     return 0
 
 

@@ -1,4 +1,5 @@
-"""``python -m lib_ti inspect FILE [--to OUT] [--format F] [--overwrite] [--json]``: show or convert an embedding.
+"""``python -m lib_ti inspect FILE [--to OUT] [--format F] [--overwrite] [--json]``: show or convert an embedding;
+show a LoRA file (kohya or diffusers/peft format).
 
 ``add_arguments(parser)`` fills an argparse (sub)parser and ``run(args)`` executes it, returning the exit code.
 """
@@ -14,10 +15,13 @@ from typing import Any
 from ..errors import TIError
 from ..families import label_of_widths
 from ..formats.embeddings import FORMATS, load_embedding, load_embedding_details, save_embedding
+from ..formats.lora import is_lora_file, load_lora
 
 
 def describe(path: str | Path) -> dict[str, Any]:
-    """What an embedding file holds, as JSON-ready plain values."""
+    """What an embedding (or LoRA) file holds, as JSON-ready plain values."""
+    if is_lora_file(path):
+        return describe_lora(path)
     loaded = load_embedding_details(path)
     emb = loaded.embedding
     return {
@@ -39,8 +43,25 @@ def describe(path: str | Path) -> dict[str, Any]:
     }
 
 
+def describe_lora(path: str | Path) -> dict[str, Any]:
+    """What a LoRA file holds: its modules by kohya name (a diffusers file's renamed for the real models' layout)."""
+    lora = load_lora(path)
+    ranks = sorted({m.rank for m in lora.modules.values()})
+    alphas = sorted({m.alpha for m in lora.modules.values()})
+    parts: dict[str, int] = {}
+    for name in lora.modules:
+        part = name.split("_")[1]  # unet, te, te1, te2
+        parts[part] = parts.get(part, 0) + 1
+    return {"path": str(path), "kind": "lora", "format": lora.format, "modules": len(lora.modules),
+            "parts": parts, "rank": ranks[0] if len(ranks) == 1 else ranks,
+            "alpha": alphas[0] if len(alphas) == 1 else alphas, "names": list(lora.modules),
+            "metadata": dict(sorted(lora.metadata.items()))}
+
+
 def format_description(d: dict[str, Any]) -> str:
     """``describe``'s dict as readable lines."""
+    if d.get("kind") == "lora":
+        return _format_lora(d)
     widths = " + ".join(f"{k} {w}" for k, w in d["widths"].items())
     name = d["name"] + (f" (stored name {d['stored_name']!r})" if d.get("stored_name") not in (None, d["name"]) else "")
     checkpoint = d.get("sd_checkpoint_name") or "unknown"
@@ -60,6 +81,16 @@ def format_description(d: dict[str, Any]) -> str:
     for key, value in sorted(d.get("extra", {}).items()):
         shown = value if len(value) <= 80 else value[:77] + "..."
         lines.append(f"extra {key}: {shown}")
+    return "\n".join(lines)
+
+
+def _format_lora(d: dict[str, Any]) -> str:
+    lines = [f"file:        {d['path']}", f"LoRA:        {d['format']} format, {d['modules']} modules (" +
+             ", ".join(f"{part} {count}" for part, count in d["parts"].items()) + ")",
+             f"rank:        {d['rank']}", f"alpha:       {d['alpha']}"]
+    for key, value in d["metadata"].items():
+        shown = value if len(value) <= 80 else value[:77] + "..."
+        lines.append(f"meta {key}: {shown}")
     return "\n".join(lines)
 
 
@@ -93,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
     """Describe ``args.file`` and, with ``--to``, convert it. Returns the exit code (1 on a user error)."""
     try:
         d = describe(args.file)
+        if args.to and d.get("kind") == "lora":
+            raise TIError("--to converts embeddings; a LoRA file is only shown")
         written = convert(args.file, args.to, overwrite=args.overwrite, fmt=args.format) if args.to else None
     except TIError as e:
         print(e, file=sys.stderr)

@@ -36,7 +36,8 @@ class ConsoleProgress:
                 postfix["loss"] = f"{event.loss:.4f}"
                 self.bar.set_postfix(postfix, refresh=False)
         elif isinstance(event, events.Saved):
-            tqdm.write(f"{PREFIX} saved step {event.step}: {event.path}", file=sys.stderr)
+            lora = f" and {event.lora}" if event.lora is not None else ""
+            tqdm.write(f"{PREFIX} saved step {event.step}: {event.path}{lora}", file=sys.stderr)
         elif isinstance(event, events.Preview):
             tqdm.write(f"{PREFIX} preview at step {event.step}: {event.path}", file=sys.stderr)
         elif isinstance(event, events.Warning):

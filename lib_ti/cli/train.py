@@ -48,7 +48,8 @@ def train_with_progress(engine, cfg, data, *, resume: bool, stop: StopOnSignal) 
             progress(event)
 
         result = train(engine, cfg, data=data, resume=resume, on_event=on_event, should_stop=stop)
-    print(f"{PREFIX} {result.reason}. Embedding: {result.final_path}")
+    lora = f"; LoRA: {result.lora_path}" if result.lora_path is not None else ""
+    print(f"{PREFIX} {result.reason}. Embedding: {result.final_path}{lora}")
     if result.skipped_steps:
         print(f"{PREFIX} {result.skipped_steps} step(s) were skipped for a non-finite loss", file=sys.stderr)
     return 128 + stop.signum if stop.signum and result.stopped_early else 0

@@ -76,6 +76,7 @@ class MemoryEstimate:
     weights_gib: float
     activations_gib: float
     overhead_gib: float = OVERHEAD_GIB
+    on_cpu: bool = False  # the run computes on the CPU: the memory is RAM, and weights are float32
 
     @property
     def total_gib(self) -> float:
@@ -83,7 +84,8 @@ class MemoryEstimate:
 
     def describe(self) -> str:
         family = f"{self.family}, guessed from the resolution" if self.guessed else self.family
-        return (f"about {self.total_gib:.1f} GiB of GPU memory ({family}: weights {self.weights_gib:.1f} + "
+        where = "RAM (the run computes on the CPU)" if self.on_cpu else "GPU memory"
+        return (f"about {self.total_gib:.1f} GiB of {where} ({family}: weights {self.weights_gib:.1f} + "
                 f"activations {self.activations_gib:.1f} + overhead {self.overhead_gib:.1f})")
 
 
@@ -152,9 +154,10 @@ class PreflightReport:
 
 
 # ---------------------------------------------------------------------- the check
-def check(cfg: TrainConfig, *, family: str | None = None) -> PreflightReport:
+def check(cfg: TrainConfig, *, family: str | None = None, on_cpu: bool = False) -> PreflightReport:
     """Everything that can be known before loading a model. ``family`` (sd1/sd2/sdxl) when the caller
-    knows it (the webui's loaded model); otherwise read from ``cfg.model``'s files, else guessed."""
+    knows it (the webui's loaded model); otherwise read from ``cfg.model``'s files, else guessed.
+    ``on_cpu``: the run will compute on the CPU (the memory estimate is then RAM, in float32)."""
     if family is not None and family not in FAMILIES:
         raise TIError(f"model family {family!r} is unknown: use one of {', '.join(FAMILIES)}")
     report = PreflightReport(cfg)
@@ -164,7 +167,7 @@ def check(cfg: TrainConfig, *, family: str | None = None) -> PreflightReport:
     _check_images(cfg, items, report)
     _check_captions(cfg, report)
     _check_numbers(cfg, report)
-    report.memory = estimate_memory(cfg, family)
+    report.memory = estimate_memory(cfg, family, on_cpu=on_cpu)
     return report
 
 
@@ -294,19 +297,20 @@ def _check_numbers(cfg: TrainConfig, report: PreflightReport) -> None:
         report.warnings.append(note)
 
 
-def estimate_memory(cfg: TrainConfig, family: str | None = None) -> MemoryEstimate:
-    """The module docstring's formula for ``cfg`` on ``family`` (read from cfg.model, else guessed)."""
+def estimate_memory(cfg: TrainConfig, family: str | None = None, *, on_cpu: bool = False) -> MemoryEstimate:
+    """The module docstring's formula for ``cfg`` on ``family`` (read from cfg.model, else guessed); on the CPU
+    the UNet and text encoder weights are float32 (4 bytes a parameter, not 2)."""
     guessed = False
     if family is None:
         family = detect_family(cfg.model) if cfg.model else None
     if family is None:
         family, guessed = ("sdxl" if cfg.width * cfg.height >= 1024 * 1024 else "sd1"), True
     params = FAMILIES[family].params_m
-    weights = ((params["unet"] + params["text"]) * 2 + params["vae"] * 4) * 1e6 / _GIB
+    weights = ((params["unet"] + params["text"]) * (4 if on_cpu else 2) + params["vae"] * 4) * 1e6 / _GIB
     activations = ACTIVATION_GIB_AT_512[family] * cfg.batch_size * cfg.width * cfg.height / 512**2
     if cfg.gradient_checkpointing:
         activations *= CHECKPOINTING_FACTOR
-    return MemoryEstimate(family, guessed, weights, activations)
+    return MemoryEstimate(family, guessed, weights, activations, on_cpu=on_cpu)
 
 
 def detect_family(model: str) -> str | None:

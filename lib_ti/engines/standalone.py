@@ -18,6 +18,7 @@ from ..devices import weights_dtype
 from ..engine import PreviewRequest, frozen_modules, max_row_norm
 from ..errors import TIError, say
 from ..families import encoder_key
+from ..formats.lora import TEXT_PREFIXES, matches, text_kohya_name, unet_kohya_name
 from ..libraries import quiet_libraries
 from ..splice import layout_prompts, spliced, spread_init_vectors
 
@@ -136,6 +137,16 @@ class StandaloneEngine:
             self.unet.enable_gradient_checkpointing()
         else:
             self.unet.disable_gradient_checkpointing()
+
+    def lora_modules(self, targets: list[str]) -> dict[str, torch.nn.Linear]:
+        unet_targets = [t for t in targets if t != "text"]
+        found = {unet_kohya_name(path, self.unet.config): module for path, module in self.unet.named_modules()
+                 if isinstance(module, torch.nn.Linear) and matches(unet_targets, path)}
+        if "text" in targets:
+            for prefix, enc in zip(TEXT_PREFIXES[self.family], self.encoders, strict=True):
+                found.update({text_kohya_name(prefix, path): module for path, module in enc.model.named_modules()
+                              if isinstance(module, torch.nn.Linear) and matches(["text"], path)})
+        return found
 
     @torch.no_grad()
     def render_preview(self, request: PreviewRequest, token: str, vectors: dict[str, torch.Tensor]):

@@ -129,7 +129,7 @@ _RESNET_LDM = {
 }
 
 
-def _unet_prefixes(config) -> list[tuple[str, str, bool]]:
+def unet_prefixes(config) -> list[tuple[str, str, bool]]:
     """(diffusers prefix, ldm prefix, is_resnet) for every UNet submodule, following ldm's block numbering."""
     pairs = [
         ("time_embedding.linear_1.", "time_embed.0.", False),
@@ -190,7 +190,7 @@ def _unet_to_ldm(unet) -> dict[str, torch.Tensor]:
         raise TIError(
             f"unet layers_per_block={unet.config.layers_per_block!r}: only one value for all levels can be converted"
         )
-    state = _rename_all(unet.state_dict(), _unet_prefixes(unet.config), _RESNET_LDM, "unet")
+    state = _rename_all(unet.state_dict(), unet_prefixes(unet.config), _RESNET_LDM, "unet")
     return {"model.diffusion_model." + k: v for k, v in state.items()}
 
 

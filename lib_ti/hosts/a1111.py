@@ -30,7 +30,8 @@ from ..engine import PreviewRequest, frozen_modules, max_row_norm
 from ..errors import TIError
 from ..families import FAMILIES
 from ..fileio import atomic_path, load_torch
-from ..options import field_help, field_label
+from ..formats.lora import UNET, kohya_name, matches, text_kohya_name
+from ..options import field_label, field_ui_help
 from ..splice import spread_init_vectors
 
 OUTPUT_SUBDIR = ("textual_inversion", "ti-trainer")
@@ -160,21 +161,22 @@ class WebuiEngine:
     @torch.no_grad()
     def render_preview(self, request: PreviewRequest, token: str, vectors: dict[str, torch.Tensor]):
         """A txt2img render through the host's own processing (sampler, CFG, seed), with the current vectors."""
-        from modules import processing, shared
-
         self.set_live(token, {k: v.detach() for k, v in vectors.items()})
-        reset_conditioning_cache()
-        p = processing.StableDiffusionProcessingTxt2Img(
-            sd_model=self.model, prompt=request.prompt, negative_prompt=request.negative_prompt,
-            steps=request.steps, sampler_name=request.sampler_name or "Euler", cfg_scale=request.cfg_scale,
-            seed=request.seed, width=request.width, height=request.height, do_not_save_grid=True,
-            do_not_save_samples=True, do_not_reload_embeddings=True)
-        with _job_state_kept(shared.state), contextlib.closing(p):
-            processed = processing.process_images(p)
-        reset_conditioning_cache()
-        if not processed.images:
-            raise TIError("the preview render returned no image (interrupted?)")
-        return processed.images[0]
+        return _render(self.model, request)
+
+    def lora_modules(self, targets: list[str]) -> dict[str, torch.nn.Linear]:
+        """The host's ldm/sgm modules are named as kohya names them: ``lora_unet_`` + their path."""
+        unet_targets = [t for t in targets if t != "text"]
+        found = {kohya_name(UNET, path): module for path, module in self.model.model.diffusion_model.named_modules()
+                 if isinstance(module, torch.nn.Linear) and matches(unet_targets, path)}
+        if "text" in targets:
+            if self.family != "sd1":
+                raise TIError("LoRA target 'text' works in the webui on SD1.x checkpoints only (the OpenCLIP encoders "
+                              "of SD2 and SDXL keep q, k and v in one fused layer): leave 'text' out")
+            encoder = self.embedders["clip_l"].wrapped.transformer  # transformers' CLIPTextModel
+            found.update({text_kohya_name("lora_te", path): module for path, module in encoder.named_modules()
+                          if isinstance(module, torch.nn.Linear) and matches(["text"], path)})
+        return found
 
     # ------------------------------------------------------------------ the live embedding
     def set_live(self, token: str, vectors: dict[str, torch.Tensor]) -> None:
@@ -185,7 +187,12 @@ class WebuiEngine:
         live.vectors = next(iter(vectors.values())).shape[0]
 
     def live_embedding(self, token: str):
-        """Register (once per run) a host Embedding named ``token``; its ``vec`` is the trained tensor."""
+        """Register (once per run) a host Embedding named ``token``; its ``vec`` is the trained tensor. Registered
+        again when the host dropped it: its Textual Inversion cards' refresh reloads every embedding from disk."""
+        if self.live is not None and self.live.name == token and not _registered(self.live, token):
+            from modules import sd_hijack
+
+            sd_hijack.model_hijack.embedding_db.register_embedding(self.live, self.model)
         if self.live is None or self.live.name != token:
             from modules import sd_hijack
             from modules.textual_inversion.textual_inversion import Embedding as HostEmbedding
@@ -196,6 +203,41 @@ class WebuiEngine:
             sd_hijack.model_hijack.embedding_db.register_embedding(live, self.model)
             self.live = live
         return self.live
+
+
+@torch.no_grad()
+def _render(sd_model, request: PreviewRequest):
+    """One image through the host's own txt2img processing, the training job's state kept around it."""
+    from modules import processing, shared
+
+    reset_conditioning_cache()
+    # scheduler "Automatic": the host's default, named, so that it logs no "autocorrection" per render.
+    p = processing.StableDiffusionProcessingTxt2Img(
+        sd_model=sd_model, prompt=request.prompt, negative_prompt=request.negative_prompt,
+        steps=request.steps, sampler_name=request.sampler_name or "Euler", scheduler="Automatic",
+        cfg_scale=request.cfg_scale, seed=request.seed, width=request.width, height=request.height,
+        do_not_save_grid=True, do_not_save_samples=True, do_not_reload_embeddings=True)
+    with _job_state_kept(shared.state), _quiet_total_progress(shared), contextlib.closing(p):
+        processed = processing.process_images(p)
+    reset_conditioning_cache()
+    if not processed.images:
+        raise TIError("the render returned no image (interrupted?)")
+    return processed.images[0]
+
+
+def txt2img(request: PreviewRequest):
+    """A render on the loaded checkpoint with the embeddings registered now (the comparison grid's cells)."""
+    from modules import shared
+
+    if shared.sd_model is None:
+        raise TIError("no checkpoint is loaded: pick one in the checkpoint list at the top of the page")
+    return _render(shared.sd_model, request)
+
+
+def _registered(embedding, token: str) -> bool:
+    from modules import sd_hijack
+
+    return sd_hijack.model_hijack.embedding_db.word_embeddings.get(token) is embedding
 
 
 # Where the host's embedders keep their token-embedding layer: CLIP (SD1, SDXL's clip_l), OpenCLIP (SD2,
@@ -341,16 +383,52 @@ def reset_conditioning_cache() -> None:
     processing.StableDiffusionProcessingTxt2Img.cached_hr_uc = [None, None]
 
 
+JOB_FIELDS = ("job", "job_no", "job_count", "textinfo", "sampling_step", "sampling_steps",
+              "processing_has_refined_job_count", "time_start")
+STOP_FLAGS = ("interrupted", "skipped", "stopping_generation")
+
+
 @contextlib.contextmanager
 def _job_state_kept(state) -> Iterator[None]:
-    """A preview render runs the host's txt2img, which rewrites the job fields of ``shared.state``."""
-    saved = {k: getattr(state, k) for k in ("job", "job_no", "job_count", "textinfo", "sampling_step",
-                                            "sampling_steps", "processing_has_refined_job_count")}
+    """A preview render runs the host's txt2img, which rewrites the job fields of ``shared.state`` and
+    clears its Skip flag at the start of each image: a stop request made before or during the render
+    must still stop the run after it."""
+    saved = {k: getattr(state, k, None) for k in JOB_FIELDS}
+    flags = {k: bool(getattr(state, k, False)) for k in STOP_FLAGS}
     try:
         yield
     finally:
         for k, v in saved.items():
             setattr(state, k, v)
+        for k, was_set in flags.items():
+            setattr(state, k, was_set or bool(getattr(state, k, False)))
+
+
+class _SilentTotal:
+    """Stands in for the host's console "Total progress" bar during a preview render: that bar's total is
+    job_count x sampling steps, i.e. training steps x preview steps, and would spill into the next txt2img."""
+
+    def update(self) -> None:
+        pass
+
+    def updateTotal(self, new_total) -> None:  # noqa: N802 - the host's method name
+        pass
+
+    def reset(self) -> None:
+        pass
+
+    def clear(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _quiet_total_progress(shared) -> Iterator[None]:
+    saved = getattr(shared, "total_tqdm", None)
+    shared.total_tqdm = _SilentTotal()
+    try:
+        yield
+    finally:
+        shared.total_tqdm = saved
 
 
 # ---------------------------------------------------------------------- folders and publishing
@@ -405,10 +483,35 @@ def ui_exposed() -> bool:
 
 def publish(path: Path, target: Path) -> Path:
     """Copy a saved embedding into the embeddings folder (atomically) and register it with the host now."""
+    copy_file(path, target)
+    register_file(target)
+    return target
+
+
+def copy_file(path: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp:
         shutil.copyfile(path, tmp)
-    register_file(target)
+
+
+def lora_dir() -> Path:
+    """The host's Lora folder (--lora-dir, which its built-in Lora extension adds; by default models/Lora)."""
+    from modules import paths, shared
+
+    return Path(getattr(shared.cmd_opts, "lora_dir", None) or Path(paths.models_path) / "Lora")
+
+
+def publish_lora(path: Path, target: Path) -> Path:
+    """Copy a pivotal run's LoRA into the Lora folder (atomically) and have the host list it at once, so that
+    ``<lora:name:1>`` works in the next txt2img without the refresh button."""
+    import sys
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp:
+        shutil.copyfile(path, tmp)
+    networks = sys.modules.get("networks")  # the built-in Lora extension's module, when it is enabled
+    if networks is not None and hasattr(networks, "list_available_networks"):
+        networks.list_available_networks()
     return target
 
 
@@ -424,14 +527,6 @@ def register_file(path: Path) -> None:
         raise TIError(f"{path.name} has width {emb.shape}, the loaded checkpoint expects {db.expected_shape}")
     db.register_embedding(emb, shared.sd_model)
     reset_conditioning_cache()
-
-
-def unregister(name: str) -> None:
-    from modules import sd_hijack, shared
-
-    db = sd_hijack.model_hijack.embedding_db
-    if name in db.word_embeddings:
-        db.register_embedding_by_name(None, shared.sd_model, name)
 
 
 def _read_for_host(path: Path) -> dict:
@@ -455,23 +550,61 @@ def loaded_embedding_file(name: str) -> str | None:
     return getattr(emb, "filename", None) if emb is not None else None
 
 
-def remove_file(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
-
-
 # ---------------------------------------------------------------------- the host's job and progress
-def progress_begin(total_steps: int, start_step: int) -> None:
+# The host's progress bar (/internal/progress) shows job_no / job_count and an ETA it extrapolates from
+# shared.state.time_start over the whole job, data loading and the steps a resumed run had already done
+# included. Set from our own clock instead: this session's steps per second since the first step.
+_clock: dict[str, float] = {}
+
+
+def progress_text(name: str, step: int, total: int) -> str:
+    """Plain text the host's bar shows before its percentage (never HTML: it shows text, not markup)."""
+    return f"Training {name}: step {step}/{total}"
+
+
+def host_time_start(now: float, started: float, start_step: int, step: int, total: int) -> float | None:
+    """The ``time_start`` for which the host's ETA, elapsed * (1 - p) / p with p = step / total, equals this
+    session's linear extrapolation (seconds per step since ``started`` times the steps left)."""
+    done = step - start_step
+    if done <= 0 or not 0 < step < total:
+        return None
+    eta = (now - started) / done * (total - step)
+    p = step / total
+    return now - eta * p / (1 - p)
+
+
+def progress_begin(total_steps: int, start_step: int, name: str = "") -> None:
+    import time
+
     from modules import shared
 
+    _clock.update(started=time.time(), start_step=start_step, job_start=shared.state.time_start or time.time())
     shared.state.job_count, shared.state.job_no = total_steps, start_step
-    shared.state.textinfo = "Training..."
+    shared.state.sampling_step = shared.state.sampling_steps = 0
+    shared.state.textinfo = progress_text(name, start_step, total_steps)
 
 
-def progress_step(step: int, textinfo: str) -> None:
+def progress_step(step: int, total_steps: int, name: str = "") -> None:
+    import time
+
     from modules import shared
 
-    shared.state.job_no, shared.state.textinfo = step, textinfo
+    shared.state.job_count, shared.state.job_no = total_steps, step
+    shared.state.textinfo = progress_text(name, step, total_steps)
+    if _clock:
+        start = host_time_start(time.time(), _clock["started"], int(_clock["start_step"]), step, total_steps)
+        if start is not None:
+            shared.state.time_start = start
+
+
+def progress_end() -> None:
+    """The host logs the job's duration from time_start: give it back the real start."""
+    if not _clock:
+        return
+    from modules import shared
+
+    shared.state.time_start = _clock.pop("job_start")
+    _clock.clear()
 
 
 def progress_image(image) -> None:
@@ -481,10 +614,11 @@ def progress_image(image) -> None:
 
 
 def host_interrupted() -> bool:
-    """The host's Interrupt button (and /sdapi/v1/interrupt) stop a run like our Stop button."""
+    """The host's Interrupt (first click: "stop after this image", second: now), Skip, and /sdapi/v1/interrupt
+    all stop a run at the next step like our Stop button: a training run has no "current image" to finish."""
     from modules import shared
 
-    return bool(shared.state.interrupted)
+    return any(bool(getattr(shared.state, flag, False)) for flag in STOP_FLAGS)
 
 
 @contextlib.contextmanager
@@ -536,7 +670,7 @@ def _setting_fields() -> list:
 def _settings_table() -> dict[str, tuple[object, str]]:
     table = dict(HOST_SETTINGS)
     for f in _setting_fields():
-        table[f.name] = (f.default, f"Default: {field_label(f)} ({field_help(f)})")
+        table[f.name] = (f.default, f"Default: {field_label(f)} ({field_ui_help(f)})")
     return table
 
 
@@ -675,6 +809,39 @@ def captioner(model: str | None) -> Iterator:
         yield per_image(host.generate_caption)
     finally:
         host.send_blip_to_ram()
+
+
+def training_size(family: str, parameterization: str = "eps", latent_side: int = 0, vae_levels: int = 4) -> int:
+    """The training size that fits a model: its family's (512 SD1, 768 SD2-v, 512 SD2-base, 1024 SDXL), or the
+    model's own sample size when its config says a smaller one (the micro model: 8 latents x 8 = 64)."""
+    side = FAMILIES[family].resolution if family in FAMILIES else 512
+    if family == "sd2" and parameterization != "v":
+        side = 512
+    if latent_side:
+        side = min(side, latent_side * 2 ** (vae_levels - 1))
+    return side
+
+
+def loaded_model_size() -> int | None:
+    """``training_size`` of the loaded checkpoint, without loading one (None when none is loaded)."""
+    from modules import sd_models, shared
+
+    model = sd_models.model_data.sd_model if hasattr(sd_models, "model_data") else shared.sd_model
+    if model is None:
+        return None
+    family = model_family(model)
+    latent = getattr(model, "image_size", 0)
+    encoder = getattr(getattr(model, "first_stage_model", None), "encoder", None)
+    levels = getattr(encoder, "num_resolutions", 4)
+    return training_size(family, getattr(model, "parameterization", "eps"),
+                         latent if isinstance(latent, int) else 0, levels if isinstance(levels, int) else 4)
+
+
+def computes_on_cpu() -> bool:
+    """Whether the host computes on the CPU (--use-cpu all, or no GPU): memory estimates then speak of RAM."""
+    from modules import devices
+
+    return getattr(devices.device, "type", "cpu") == "cpu"
 
 
 def loaded_family() -> str | None:

@@ -1,7 +1,7 @@
 """One training job as a UI or an API client sees it: status, loss history, previews, stop requests.
 
 Host-independent: the webui glue feeds it the trainer's events and reads back a status dict (API),
-an HTML summary with a loss chart (the host's progress area) and the preview list (gallery).
+an HTML summary with a loss chart (the tab's run panel) and the preview list (gallery).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from ..errors import TIError
 class Job:
     run_id: str
     name: str
+    task_id: str = ""  # the host's progress task (/internal/progress) the run holds the GPU queue lock under
+    settings: dict[str, Any] = field(default_factory=dict)  # the run's config, as the run panel shows it
     total_steps: int = 0
     state: str = "queued"  # queued | running | stopping | finished | stopped | failed
     step: int = 0
@@ -90,7 +92,8 @@ class Job:
     # ------------------------------------------------------------------ views out
     def status(self) -> dict[str, Any]:
         return {
-            "run_id": self.run_id, "name": self.name, "state": self.state, "step": self.step,
+            "run_id": self.run_id, "task_id": self.task_id, "name": self.name, "state": self.state,
+            "active": self.active, "step": self.step,
             "total_steps": self.total_steps, "loss": self.losses[-1][1] if self.losses else None,
             "learning_rate": self.lr, "images_per_s": round(self.images_per_s, 3),
             "eta_s": None if self.eta_s is None or self.eta_s != self.eta_s else round(self.eta_s, 1),
@@ -103,7 +106,7 @@ class Job:
         }
 
     def summary_html(self) -> str:
-        """Step, loss, learning rate and ETA, with the loss chart: shown in the host's progress area."""
+        """Step, loss, learning rate and ETA, with the loss chart: the tab's run panel (never the host's bar)."""
         loss = f"{self.losses[-1][1]:.4f}" if self.losses else "-"
         lr = f"{self.lr:g}" if self.lr is not None else "-"
         eta = _duration(self.eta_s) if self.eta_s is not None and self.eta_s == self.eta_s else "-"

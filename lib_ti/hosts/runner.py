@@ -59,6 +59,11 @@ def resolve(cfg: TrainConfig, *, resume: bool, confined: bool = True) -> TrainCo
     if cfg.model:
         raise TIError(f"config model={shown(cfg.model)} is invalid here: the webui trains on the checkpoint it has "
                       "loaded; leave model empty and pick the checkpoint at the top of the page")
+    if cfg.is_pivotal and cfg.gradient_checkpointing:
+        # ldm's checkpointing (reentrant) drops the gradients of blocks whose inputs need none, and sgm's own
+        # CheckpointFunction computes gradients only for a block's inputs and own parameters: not the adapters'.
+        raise TIError("config gradient_checkpointing=True is invalid with mode pivotal in the webui: the host's "
+                      "checkpointing would not pass the LoRA's gradients; turn it off (headless runs can use it)")
     cfg = cfg.replace(output_dir=str(_run_folder(cfg.output_dir or cfg.name)),
                       init_from=_init_file(cfg.init_from, confined=confined))
     if confined:
@@ -104,6 +109,11 @@ def readable(field: str, value: str) -> Path:
     return path
 
 
+def resolve_run_dir(cfg: TrainConfig) -> Path:
+    """The run folder ``cfg`` names, under the output root."""
+    return _run_folder(cfg.output_dir or cfg.name)
+
+
 def _run_folder(value: str) -> Path:
     """A run folder under the output root: a relative name, or a path already inside the root (a saved run's)."""
     root = a1111.output_root()
@@ -139,6 +149,9 @@ def _init_file(init_from: str, *, confined: bool = True) -> str:
 
 
 def _refuse_existing(cfg: TrainConfig) -> None:
+    if cfg.is_pivotal and final_lora_target(cfg).exists():
+        raise TIError(f"a LoRA named {cfg.name!r} already exists ({final_lora_target(cfg)}): choose another name, "
+                      "resume its run, or tick Overwrite")
     target = final_target(cfg)
     existing = target if target.exists() else a1111.loaded_embedding_file(cfg.name)
     if existing and cfg.init_from and Path(cfg.init_from).resolve() == Path(existing).resolve():
@@ -151,6 +164,11 @@ def _refuse_existing(cfg: TrainConfig) -> None:
 
 def final_target(cfg: TrainConfig) -> Path:
     return a1111.embeddings_dir() / f"{cfg.name}.{cfg.save_format}"
+
+
+def final_lora_target(cfg: TrainConfig) -> Path:
+    """A pivotal run's LoRA in the host's Lora folder, named like the embedding: ``<lora:name:1>`` plus ``name``."""
+    return a1111.lora_dir() / f"{cfg.name}.safetensors"
 
 
 def checkpoint_folder(cfg: TrainConfig) -> Path:
@@ -177,15 +195,25 @@ def create_embedding(cfg: TrainConfig) -> Path:
 
 
 # ---------------------------------------------------------------------- jobs
-def new_job(cfg: TrainConfig) -> Job:
+def refuse_if_active() -> None:
+    """One run at a time, refused at once (never queued to start later by itself), naming the active run."""
+    running = current_job()
+    if running is not None:
+        raise TIError(f"a training run is already active: {running.name} ({running.run_id}, step {running.step} of "
+                      f"{running.total_steps or '?'}); stop it first, or wait for it to end")
+
+
+def new_job(cfg: TrainConfig, task_id: str = "") -> Job:
     with _lock:
         running = next((j for j in JOBS.values() if j.active), None)
         if running is not None:
-            raise TIError(f"a training run is already active ({running.name}, {running.run_id}): stop it first")
+            raise TIError(f"a training run is already active: {running.name} ({running.run_id}, step "
+                          f"{running.step} of {running.total_steps or '?'}); stop it first, or wait for it to end")
         run_id = base = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         while run_id in JOBS:  # a resume right after a stop can start within the same second
             run_id = f"{base}-{sum(k.startswith(base) for k in JOBS) + 1}"
-        job = Job(run_id=run_id, name=cfg.name)
+        job = Job(run_id=run_id, name=cfg.name, task_id=task_id or f"task(ti-trainer-{run_id})",
+                  settings=cfg.to_dict())
         JOBS[job.run_id] = job
         for old in list(JOBS)[:-MAX_JOBS_KEPT]:
             JOBS.pop(old)
@@ -195,6 +223,25 @@ def new_job(cfg: TrainConfig) -> Job:
 def current_job() -> Job | None:
     with _lock:
         return next((j for j in reversed(JOBS.values()) if j.active), None)
+
+
+def latest_job() -> Job | None:
+    """The active run, else the last one of this session: what the tab's run panel shows."""
+    with _lock:
+        jobs = list(JOBS.values())
+    return next((j for j in reversed(jobs) if j.active), jobs[-1] if jobs else None)
+
+
+def start(job: Job, cfg: TrainConfig, *, resume: bool) -> threading.Thread:
+    """Run the job in a thread of its own, holding the host's GPU queue lock under the job's task id: the run
+    outlives the request (and the page) that started it, and the host's progress API follows the task id."""
+    def work() -> None:
+        with a1111.gpu_job(job.task_id):
+            run(job, cfg, resume=resume)
+
+    thread = threading.Thread(target=work, name=f"ti-trainer {job.run_id}", daemon=True)
+    thread.start()
+    return thread
 
 
 def run(job: Job, cfg: TrainConfig, *, resume: bool) -> Job:
@@ -213,40 +260,107 @@ def run(job: Job, cfg: TrainConfig, *, resume: bool) -> Job:
     except BaseException as exc:
         job.fail(exc)
         raise
+    finally:
+        a1111.progress_end()
     return job
 
 
 class _Publisher:
-    """Mirrors each saved checkpoint into the host's embeddings folder and keeps the host's progress current."""
+    """Mirrors each saved checkpoint into the host's embeddings folder and keeps the host's progress current.
+
+    Every published checkpoint copy stays while its file exists: the host matches embedding names by their
+    leading tokens, so once ``tok-150`` were gone, typing it would silently use ``tok`` with "-150" as plain
+    text. keep_last prunes only the run folder's checkpoint states (with optimizer state, the large files);
+    the copies are a few KB each. Each copy gets its step's preview beside it (``<name>.preview.png``, the
+    host's card preview convention), the final embedding the run's last preview.
+    """
 
     def __init__(self, job: Job, cfg: TrainConfig) -> None:
         self.job, self.cfg = job, cfg
         self.final: Path | None = None
+        self.final_lora: Path | None = None
+        self.copies: dict[int, Path] = {}  # step -> the checkpoint's copy in the embeddings folder
 
     def handle(self, event: object) -> None:
         self.job.handle(event)
         if isinstance(event, events.Started):
-            a1111.progress_begin(event.total_steps, event.start_step)
+            a1111.progress_begin(event.total_steps, event.start_step, self.cfg.name)
         elif isinstance(event, events.Step):
-            a1111.progress_step(event.step, self.job.summary_html())
+            a1111.progress_step(event.step, event.total_steps, self.cfg.name)
         elif isinstance(event, events.Preview):
             a1111.progress_image(event.image)
+            if event.step in self.copies:
+                self._card_preview(Path(event.path), self.copies[event.step])
         elif isinstance(event, events.Saved):
             if event.is_final:
                 self.final = Path(event.path)
+                self.final_lora = Path(event.lora) if event.lora is not None else None
             if event.checkpoint is not None:  # the last step is a checkpoint like the others, final or not
-                self._publish_checkpoint(Path(event.checkpoint))
+                self._publish_checkpoint(event.step, Path(event.checkpoint))
 
-    def _publish_checkpoint(self, path: Path) -> None:
-        folder = checkpoint_folder(self.cfg)
-        self.job.published.append(a1111.publish(path, folder / path.name))
-        kept = {p.name for p in (self.cfg.run_dir / "checkpoints").glob(f"{self.cfg.name}-*.{self.cfg.save_format}")}
-        for copy in folder.glob(f"{self.cfg.name}-*.{self.cfg.save_format}"):
-            if copy.name not in kept:  # pruned by keep_last in the run folder: prune the copy too
-                a1111.unregister(copy.stem)
-                a1111.remove_file(copy)
+    def _publish_checkpoint(self, step: int, path: Path) -> None:
+        copy = a1111.publish(path, checkpoint_folder(self.cfg) / path.name)
+        self.job.published.append(copy)
+        self.copies[step] = copy
+        preview = self.job.previews[-1] if self.job.previews else None
+        if preview is not None and preview[0] == step:
+            self._card_preview(preview[1], copy)
+
+    def _card_preview(self, image: Path, embedding: Path) -> None:
+        if image.is_file():
+            a1111.copy_file(image, card_preview_path(embedding))
 
     def publish_final(self) -> None:
         if self.final is not None:
-            self.job.published.append(a1111.publish(self.final, final_target(self.cfg)))
-            self.job.final_path = final_target(self.cfg)
+            target = final_target(self.cfg)
+            self.job.published.append(a1111.publish(self.final, target))
+            self.job.final_path = target
+            if self.job.previews:
+                self._card_preview(self.job.previews[-1][1], target)
+        if self.final_lora is not None:
+            self.job.published.append(a1111.publish_lora(self.final_lora, final_lora_target(self.cfg)))
+
+
+def card_preview_path(embedding: Path) -> Path:
+    """Where the host's cards look for an embedding's preview: an image of the same name beside the file
+    (``.preview.png``: the host's loader skips those, where a plain .png could be read as an embedding)."""
+    return embedding.with_name(f"{embedding.stem}.preview.png")
+
+
+# ---------------------------------------------------------------------- run folders on disk
+def runs_on_disk() -> list[dict]:
+    """The run folders under the output root (one or two levels down), with their checkpoint steps."""
+    root = a1111.output_root()
+    out = []
+    for config_file in sorted([*root.glob("*/config.yaml"), *root.glob("*/*/config.yaml")]):
+        try:
+            cfg = TrainConfig.load(config_file)
+        except TIError:
+            continue  # a folder someone edited by hand: not ours to list
+        steps = [step for step, _ in list_states(config_file.parent, cfg.name)]
+        out.append({"name": cfg.name, "run_dir": str(config_file.parent), "checkpoint_steps": steps,
+                    "steps": cfg.steps, "output_dir": config_file.parent.relative_to(root).as_posix()})
+    return out
+
+
+def load_run(output_dir: str) -> TrainConfig:
+    """A run folder's config.yaml (a folder under the output root, as ``runs_on_disk`` lists it)."""
+    if not output_dir:
+        raise TIError("choose a run folder to load (the list shows the runs in the output folder)")
+    folder = _run_folder(output_dir)
+    if not (folder / "config.yaml").is_file():
+        raise TIError(f"run folder {str(folder)!r} holds no config.yaml: it is not a training run")
+    return TrainConfig.load(folder / "config.yaml")
+
+
+def resume_differences(form: TrainConfig) -> tuple[TrainConfig, TrainConfig, list[tuple[str, object, object]]]:
+    """The run's saved config, the form placed as a run (its folder and init_from resolved), and each setting of
+    the form that differs from the run's but may not change on resume (name, the run's value, the form's)."""
+    run_dir = _run_folder(form.output_dir or form.name)
+    if not list_states(run_dir, form.name):
+        raise TIError(f"nothing to resume: {str(run_dir)!r} holds no checkpoint of {form.name!r}; "
+                      "press Train to start a new run")
+    saved = saved_config(run_dir, form.name)
+    placed = form.replace(output_dir=str(run_dir), init_from=_init_file(form.init_from, confined=False)
+                          if form.init_from else "", model=saved.model)
+    return saved, placed, [(name, getattr(saved, name), getattr(placed, name)) for name in saved.differences(placed)]

@@ -8,11 +8,8 @@ is set, like /sdapi/v1. A run started here holds the host's GPU queue lock, as o
 # and those name classes imported inside mount().
 import base64
 import secrets
-import threading
-from pathlib import Path
 from typing import Any
 
-from ..checkpoints import list_states
 from ..config import TrainConfig
 from ..errors import TIError
 from . import a1111, runner
@@ -47,7 +44,7 @@ def mount(app) -> None:
             job, cfg = _prepare(config, resume)
         except TIError as exc:
             raise HTTPException(422, str(exc)) from None
-        threading.Thread(target=_work, args=(job, cfg, resume), name=f"ti-trainer {job.run_id}", daemon=True).start()
+        runner.start(job, cfg, resume=resume)
         return job.status()
 
     @router.get("/status", summary="Status of a run (default: the latest)")
@@ -100,11 +97,6 @@ def _prepare(config: dict[str, Any], resume: bool):
     return runner.new_job(cfg), cfg
 
 
-def _work(job, cfg: TrainConfig, resume: bool) -> None:
-    with a1111.gpu_job(f"task(ti-trainer-{job.run_id})"):
-        runner.run(job, cfg, resume=resume)
-
-
 def _find(run_id: str):
     jobs = list(runner.JOBS.values())
     if not run_id:
@@ -113,15 +105,5 @@ def _find(run_id: str):
 
 
 def _runs_on_disk() -> list[dict[str, Any]]:
-    root = a1111.output_root()
-    out = []
-    for config_file in sorted(root.glob("*/config.yaml")):
-        try:
-            cfg = TrainConfig.load(config_file)
-        except TIError:
-            continue  # a folder someone edited by hand: not ours to list
-        steps = [step for step, _ in list_states(config_file.parent, cfg.name)]
-        out.append({"name": cfg.name, "run_dir": str(config_file.parent), "checkpoint_steps": steps,
-                    "steps": cfg.steps, "output_dir": str(Path(config_file.parent).relative_to(root))})
-    return out
+    return runner.runs_on_disk()
 

@@ -136,5 +136,5 @@ def _save_review(folder, table):
 
 
 def _pre(text: str, error: bool = False) -> str:
-    cls = "error" if error else "ti-trainer-report"
+    cls = "ti-trainer-report ti-trainer-error error" if error else "ti-trainer-report"  # wrapped, never wider
     return f"<pre class='{cls}'>{html.escape(text)}</pre>"

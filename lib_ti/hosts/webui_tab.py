@@ -3,35 +3,51 @@
 Registered inside the host's Train tab when the host calls ``on_ui_train_tabs``, and as a top-level
 tab otherwise. The controls are generated from ``TrainConfig``'s fields, so every training setting of
 the core config is here with its help text, and nothing is wired twice.
+
+Two columns: the settings (the common ones on top, the rest folded under "Advanced settings") and a
+run panel (buttons, messages, the host's progress bar, live preview, step/loss/ETA with the loss chart,
+previews by step). A run lives in a thread of its own (``runner.start``), not in the request that
+started it: the panel is polled from the server (``_poll``, clicked by the page's script while the tab
+is visible), so reloading the page shows the active run again, and Stop works from any page.
 """
 
 from __future__ import annotations
 
+import html
+import json
 import typing
 from dataclasses import fields
+from pathlib import Path
 
-from ..config import BASICS, TrainConfig
+from ..config import TrainConfig
 from ..dataset.preflight import check
-from ..errors import TIError
-from ..options import field_help, field_label
+from ..errors import TIError, shown
+from ..options import field_label, field_ui_help
 from ..templates import builtin_names
-from . import a1111, runner, webui_dataset
-from .widgets import sections, ui_fields, values_to_options, widget
+from . import a1111, compare, runner, webui_dataset
+from .jobs import Job
+from .widgets import keep_out_of_ui_config, sections, ui_fields, values_to_options, widget
 
 TAB_TITLE = "Train Embedding"
 ELEM_PREFIX = "ti_trainer"
 _state = {"in_train_tab": False}
 
-# The controls, from TrainConfig's fields: the basics on top, then one folded section each.
-SECTIONS: list[tuple[str, list[str]]] = [(title, [f.name for f in ui_fields(TrainConfig, title)])
-                                         for title in sections(TrainConfig) if title != BASICS]
-TOP_FIELDS = [f.name for f in ui_fields(TrainConfig, BASICS)]
-FIELD_NAMES = TOP_FIELDS + [name for _, names in SECTIONS for name in names]
+# The common path, on top: what a first run needs. Everything else is folded, by section.
+COMMON_ROWS: list[tuple[str, ...]] = [("name", "init_text", "num_vectors", "overwrite"), ("data_dir", "template"),
+                                      ("steps", "learning_rate", "width", "height")]
+COMMON = [name for row in COMMON_ROWS for name in row]
+SECTIONS: list[tuple[str, list[str]]] = [
+    (title, names) for title in sections(TrainConfig)
+    if (names := [f.name for f in ui_fields(TrainConfig, title) if f.name not in COMMON])]
+FIELD_NAMES = COMMON + [name for _, names in SECTIONS for name in names]
 # The host's UiTrainTabParams.txt2img_preview_params, in its order (modules/ui.py), and the fields they fill.
 HOST_TXT2IMG_PARAMS = ("prompt", "negative_prompt", "steps", "sampler_name", "cfg_scale", "seed", "width", "height")
 TXT2IMG_FIELDS = [next(f.name for f in fields(TrainConfig) if f.metadata.get("txt2img") == param)
                   for param in HOST_TXT2IMG_PARAMS]
-ENCODER_CHOICES = {"all": [], "clip_l": ["clip_l"], "clip_g": ["clip_g"]}
+ENCODER_CHOICES = {"both": [], "clip_l": ["clip_l"], "clip_g": ["clip_g"]}
+# The run's settings the panel lists (a run can outlive the form that started it).
+PANEL_SETTINGS = ("data_dir", "template", "num_vectors", "init_text", "width", "height", "steps", "learning_rate",
+                  "batch_size", "seed", "output_dir")
 
 
 def element_id(name: str) -> str:
@@ -43,10 +59,13 @@ def on_ui_train_tabs(params) -> None:
     """Inside the host's Train tab: ``params.txt2img_preview_params`` feeds "previews from txt2img"."""
     import gradio as gr
     _state["in_train_tab"] = True
-    with gr.Tab(label=TAB_TITLE, id=element_id("tab")):
+    with gr.Tab(label=TAB_TITLE, id=element_id("tab"), elem_id=element_id("tab")) as train_tab:
         build_controls(list(getattr(params, "txt2img_preview_params", []) or []))
-    with gr.Tab(label=webui_dataset.TAB_TITLE, id=element_id("dataset_tab")):
+    with gr.Tab(label=webui_dataset.TAB_TITLE, id=element_id("dataset_tab"),
+                elem_id=element_id("dataset_tab")) as dataset_tab:
         webui_dataset.build_controls()
+    keep_out_of_ui_config(train_tab)
+    keep_out_of_ui_config(dataset_tab)
 
 
 def on_ui_tabs():
@@ -60,64 +79,101 @@ def _build():
     import gradio as gr
     with gr.Blocks(analytics_enabled=False) as block:
         with gr.Tabs():
-            with gr.Tab(label="Train"):
+            with gr.Tab(label="Train", elem_id=element_id("tab")):
                 build_controls([])
-            with gr.Tab(label="Dataset"):
+            with gr.Tab(label="Dataset", elem_id=element_id("dataset_tab")):
                 webui_dataset.build_controls()
+    keep_out_of_ui_config(block)
     return block
 
 
 # ---------------------------------------------------------------------- the controls
+def form_defaults() -> dict[str, typing.Any]:
+    """The form's starting values: the config's defaults, the owner's Settings, the loaded model's size."""
+    defaults = TrainConfig().to_dict() | a1111.config_defaults()
+    side = a1111.loaded_model_size()
+    if side:
+        defaults["width"] = defaults["height"] = side
+    defaults["train_encoders"] = _encoder_choice(defaults["train_encoders"])
+    return defaults
+
+
 def build_controls(txt2img_params: list) -> None:
     import gradio as gr
-    defaults = TrainConfig().to_dict() | a1111.config_defaults()
+    defaults: dict[str, typing.Any] = form_defaults()
+    # The size fits the model loaded when the page loads (Gradio calls a callable value then): the webui
+    # builds the page while its first checkpoint is still loading.
+    defaults["width"] = lambda: form_defaults()["width"]
+    defaults["height"] = lambda: form_defaults()["height"]
     widgets: dict[str, typing.Any] = {}
-    with gr.Row(equal_height=False):
-        with gr.Column(scale=3):
-            gr.HTML("<p>Train a textual-inversion embedding on the checkpoint loaded above. Every checkpoint of the "
-                    "embedding is saved into the embeddings folder and usable in txt2img at once.</p>")
-            with gr.Row():
-                for name in ("name", "init_text", "num_vectors"):
-                    widgets[name] = _widget(name, defaults[name])
-            with gr.Row():
-                widgets["init_from"] = _widget("init_from", "", gr.Dropdown, choices=_names(), allow_custom_value=True)
-                refresh = gr.Button(value="\U0001f504", elem_id=element_id("refresh"), scale=0, min_width=40)
-                widgets["overwrite"] = _widget("overwrite", defaults["overwrite"])
-            widgets["data_dir"] = _widget("data_dir", defaults["data_dir"])
-            widgets["template"] = _widget("template", defaults["template"], gr.Dropdown, choices=builtin_names(),
-                                          allow_custom_value=True, info=_help("template") + " (a file path works)")
-            for title, names in SECTIONS:
-                with gr.Accordion(title, open=title == "Training"):
-                    for row in range(0, len(names), 3):
-                        with gr.Row():
-                            for name in names[row:row + 3]:
-                                widgets[name] = _widget(name, defaults[name])
-            from_txt2img = gr.Checkbox(label="Read preview parameters (prompt, sampler, seed, size, ...) from the "
-                                             "txt2img tab", value=False, visible=bool(txt2img_params),
-                                       elem_id=element_id("from_txt2img"))
-            with gr.Row():
-                check = gr.Button(value="Check", elem_id=element_id("check"))
-                create = gr.Button(value="Create embedding", elem_id=element_id("create"))
+    with gr.Row(equal_height=False, elem_id=element_id("main")):
+        with gr.Column(scale=3, elem_id=element_id("settings")):
+            for row in COMMON_ROWS:
+                with gr.Row():
+                    for name in row:
+                        widgets[name] = _widget(name, defaults[name])
+            with gr.Row(elem_id=element_id("load_row")):
+                runs = gr.Dropdown(label="Saved run", choices=_run_choices(), value=None, elem_id=element_id("runs"),
+                                   info="a run in the extension's output folder: Load run puts its settings in the "
+                                        "form (then Resume continues it, or Train starts a new run from them)")
+                refresh_runs = gr.Button(value="\U0001f504", elem_id=element_id("refresh_runs"), scale=0,
+                                         min_width=40)
+                load = gr.Button(value="Load run", elem_id=element_id("load"), scale=0, min_width=110)
+            with gr.Accordion("Advanced settings", open=False, elem_id=element_id("advanced")):
+                for title, names in SECTIONS:
+                    with gr.Accordion(title, open=True):
+                        for first in range(0, len(names), 3):
+                            with gr.Row():
+                                for name in names[first:first + 3]:
+                                    widgets[name] = _widget(name, defaults[name])
+                with gr.Row():
+                    refresh = gr.Button(value="Refresh the embedding list", elem_id=element_id("refresh"))
+                    from_txt2img = gr.Checkbox(label="Read preview parameters (prompt, sampler, seed, size, ...) "
+                                                     "from the txt2img tab", value=False, visible=bool(txt2img_params),
+                                               elem_id=element_id("from_txt2img"))
+        with gr.Column(scale=2, elem_id=element_id("panel")):
+            with gr.Row(elem_id=element_id("buttons")):
                 train = gr.Button(value="Train", variant="primary", elem_id=element_id("train"))
                 resume = gr.Button(value="Resume", elem_id=element_id("resume"))
-                stop = gr.Button(value="Stop", elem_id=element_id("stop"))
-        with gr.Column(scale=2):
-            task_id = gr.Text(elem_id=element_id("output"), value="", show_label=False)
-            gallery = gr.Gallery(label="Previews", show_label=False, elem_id=element_id("gallery"), columns=4)
-            # Written by the page's script while a run lasts, never a Gradio output (Gradio would re-render it).
-            gr.HTML(elem_id=element_id("progress"), value="<div class='ti-trainer-live'></div>")
-            outcome = gr.HTML(elem_id=element_id("outcome"), value="")
+                stop = gr.Button(value="Stop", variant="stop", elem_id=element_id("stop"))
+            with gr.Row(elem_id=element_id("tools")):
+                check = gr.Button(value="Check", elem_id=element_id("check"))
+                create = gr.Button(value="Create embedding", elem_id=element_id("create"))
+            message = gr.HTML(elem_id=element_id("message"), value="")
+            # The host's progress bar is inserted before this anchor, its live preview into the box below;
+            # both are written by the page's script, never Gradio outputs (Gradio would re-render them).
+            gr.HTML(elem_id=element_id("progressbar"), value="")
+            gr.HTML(elem_id=element_id("live"), value="")
+            panel = gr.HTML(elem_id=element_id("run"), value=panel_html(None))
+            gallery = gr.Gallery(label="Previews by step", show_label=True, elem_id=element_id("gallery"), columns=4)
+            with gr.Accordion("Compare checkpoints", open=False, elem_id=element_id("compare_box")):
+                compare_prompts = gr.Textbox(label="Prompts", lines=3, elem_id=element_id("compare_prompts"),
+                                             placeholder="one a line, [name] where the embedding goes; empty: the "
+                                                         "run's preview prompt")
+                compare_checkpoints = gr.Textbox(label="Checkpoints", elem_id=element_id("compare_checkpoints"),
+                                                 placeholder="e.g. my-embedding-500, my-embedding; empty: every "
+                                                             "published checkpoint of the name above")
+                compare_button = gr.Button(value="Comparison grid", elem_id=element_id("compare"))
+                grid = gr.Image(label="Comparison grid", type="filepath", interactive=False,
+                                elem_id=element_id("grid"))
+            task_id = gr.Textbox(visible=False, elem_id=element_id("task"), value="")
+            status = gr.Textbox(visible=False, elem_id=element_id("status"), value="{}")
+            poll = gr.Button(visible=False, elem_id=element_id("poll"))
 
     inputs = [task_id, *[widgets[n] for n in FIELD_NAMES], from_txt2img, *txt2img_params]
-    outputs = [gallery, outcome]
-    train.click(fn=a1111.wrap_gpu_call(_train_clicked, [None]), _js="ti_trainer_start", inputs=inputs,
-                outputs=outputs)
-    resume.click(fn=a1111.wrap_gpu_call(_resume_clicked, [None]), _js="ti_trainer_start", inputs=inputs,
-                 outputs=outputs)
-    create.click(fn=a1111.wrap_gpu_call(_create_clicked, [None]), inputs=inputs, outputs=outputs)
-    check.click(fn=_check_clicked, inputs=inputs, outputs=outputs)
-    stop.click(fn=_stop_clicked, inputs=[], outputs=[outcome], queue=False)
-    refresh.click(fn=lambda: gr.update(choices=_names()), inputs=[], outputs=[widgets["init_from"]], queue=False)
+    quick = {"queue": False, "show_progress": "hidden"}
+    train.click(fn=_train_clicked, _js="ti_trainer_start", inputs=inputs, outputs=[message, runs], **quick)
+    resume.click(fn=_resume_clicked, _js="ti_trainer_start", inputs=inputs, outputs=[message, runs], **quick)
+    stop.click(fn=_stop_clicked, inputs=[], outputs=[message], **quick)
+    poll.click(fn=_poll, inputs=[status], outputs=[status, panel, gallery], **quick)
+    # The host's GPU-call wrapper appends its timing to the last output, and puts None first on an error.
+    create.click(fn=a1111.wrap_gpu_call(_create_clicked, [_update()]), inputs=inputs, outputs=[task_id, message])
+    compare_button.click(fn=a1111.wrap_gpu_call(_compare_clicked, [_update()]),
+                         inputs=[compare_prompts, compare_checkpoints, *inputs], outputs=[grid, message])
+    check.click(fn=_check_clicked, inputs=inputs, outputs=[message])
+    load.click(fn=_load_clicked, inputs=[runs], outputs=[message, *[widgets[n] for n in FIELD_NAMES]], **quick)
+    refresh_runs.click(fn=lambda: _update(choices=_run_choices()), inputs=[], outputs=[runs], **quick)
+    refresh.click(fn=lambda: _update(choices=_names()), inputs=[], outputs=[widgets["init_from"]], **quick)
 
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
@@ -128,29 +184,59 @@ def _widget(name: str, default, control=None, **overrides):
     import gradio as gr
 
     if name == "train_encoders":  # SDXL: both encoders, or one while the other keeps its init vectors
-        control, default, overrides = gr.Dropdown, "all", {"choices": list(ENCODER_CHOICES)} | overrides
+        control, overrides = gr.Dropdown, {"choices": list(ENCODER_CHOICES)} | overrides
+    elif name == "template":
+        control = gr.Dropdown
+        overrides = {"choices": builtin_names(), "allow_custom_value": True,
+                     "info": field_ui_help(_FIELDS[name]) + " (a file path works)"} | overrides
+    elif name == "init_from":
+        control, overrides = gr.Dropdown, {"choices": _names(), "allow_custom_value": True} | overrides
     if control is None:
         return widget(TrainConfig, _FIELDS[name], default, element_id(name), **overrides)
-    kwargs = {"label": field_label(_FIELDS[name]), "info": field_help(_FIELDS[name]), "elem_id": element_id(name)}
+    kwargs = {"label": field_label(_FIELDS[name]), "info": field_ui_help(_FIELDS[name]), "elem_id": element_id(name)}
     return control(value=default, **(kwargs | overrides))
 
 
-def _help(name: str) -> str:
-    return field_help(_FIELDS[name])
+def _update(**changes: typing.Any) -> dict[str, typing.Any]:
+    """What ``gr.update(**changes)`` returns in Gradio 3.x, without importing Gradio: the handlers stay
+    testable where no Gradio is installed (CI)."""
+    return {"__type__": "update", **changes}
 
 
 def _names() -> list[str]:
     return [""] + a1111.loaded_embedding_names()
 
 
-# ---------------------------------------------------------------------- handlers
+def _run_choices() -> list[str]:
+    try:
+        return [run["output_dir"] for run in runner.runs_on_disk()]
+    except Exception:  # an unreadable output folder must not break building the page
+        return []
+
+
+def _encoder_choice(encoders: list[str]) -> str:
+    return next((k for k, v in ENCODER_CHOICES.items() if sorted(v) == sorted(encoders)), "both")
+
+
+# ---------------------------------------------------------------------- form <-> config
 def config_from_values(values: list, from_txt2img: bool, txt2img: list) -> TrainConfig:
     """The tab's values as a validated config (numbers come back from Gradio as floats)."""
     data = dict(zip(FIELD_NAMES, values, strict=True))
     if from_txt2img and txt2img:
         data.update(zip(TXT2IMG_FIELDS, txt2img, strict=False))  # hosts may pass fewer
-    data["train_encoders"] = ENCODER_CHOICES.get(data.get("train_encoders") or "all", [])
+    data["train_encoders"] = ENCODER_CHOICES.get(data.get("train_encoders") or "both", [])
     return TrainConfig.from_dict(values_to_options(TrainConfig, data))
+
+
+def values_from_config(cfg: TrainConfig) -> list:
+    """The form's values for a saved run's config, in FIELD_NAMES order (the run folder relative to the root)."""
+    data = cfg.to_dict()
+    data["train_encoders"] = _encoder_choice(cfg.train_encoders)
+    if cfg.output_dir:
+        root = a1111.output_root().resolve()
+        folder = Path(cfg.output_dir).resolve()
+        data["output_dir"] = folder.relative_to(root).as_posix() if folder.is_relative_to(root) else cfg.output_dir
+    return [data[name] for name in FIELD_NAMES]
 
 
 def _split(args: tuple) -> tuple[TrainConfig, str]:
@@ -159,28 +245,120 @@ def _split(args: tuple) -> tuple[TrainConfig, str]:
     return config_from_values(values, bool(from_txt2img), txt2img), task_id
 
 
+def resume_config(form: TrainConfig) -> TrainConfig:
+    """The saved run's own config, with only the resumable settings taken from the form; any other difference
+    is refused, listing each one with the run's and the form's values."""
+    saved, placed, diffs = runner.resume_differences(form)
+    if diffs:
+        listed = "; ".join(f"{field_label(_FIELDS[name])}: run {shown(old)}, form {shown(new)}"
+                           for name, old, new in diffs)
+        raise ResumeMismatch(
+            f"Resume continues {form.name!r} with its own saved settings, and the form differs from them in: "
+            f"{listed}. Only the steps, the learning-rate and clipping schedules, and the saving, logging and "
+            "preview settings may change on resume. Press Load run (the run is selected) to put its settings in "
+            "the form, then Resume; or give another name to train a new run with these settings.",
+            output_dir=placed.output_dir)
+    kept = {f.name: getattr(placed, f.name) for f in fields(TrainConfig) if f.metadata.get("resume")}
+    return saved.resumed(kept)[0]
+
+
+class ResumeMismatch(TIError):
+    def __init__(self, message: str, output_dir: str) -> None:
+        super().__init__(message)
+        self.output_dir = output_dir
+
+
+# ---------------------------------------------------------------------- handlers
 def _train_clicked(*args):
-    return _run(args, resume=False)
+    return _start(args, resume=False)
 
 
 def _resume_clicked(*args):
-    return _run(args, resume=True)
+    return _start(args, resume=True)
 
 
-def _run(args: tuple, *, resume: bool):
+def _start(args: tuple, *, resume: bool):
+    """Checks, then the run in its own thread; the answer comes at once (the panel follows the run)."""
     try:
-        cfg, _ = _split(args)
-        if resume:  # the run's own settings; from the form only what may change on resume
-            kept = {f.name: getattr(cfg, f.name) for f in fields(TrainConfig) if f.metadata.get("resume")}
-            cfg = runner.request_config({"name": cfg.name, **kept}, resume=True)
+        runner.refuse_if_active()  # at once, before any check: never queued to start by itself later
+        cfg, task_id = _split(args)
+        if resume:
+            cfg = resume_config(cfg)
         # Paths typed here are the webui user's own, as in the host's Train tab: confined like API requests only
         # when others can reach the UI (a1111.ui_exposed).
         cfg = runner.resolve(cfg, resume=resume, confined=a1111.ui_exposed())
-        job = runner.new_job(cfg)
+        job = runner.new_job(cfg, task_id)
+    except ResumeMismatch as exc:
+        return _error_html(str(exc)), _update(choices=_run_choices(), value=_relative_run(exc.output_dir))
     except TIError as exc:
-        return None, _error_html(str(exc))
-    runner.run(job, cfg, resume=resume)
-    return [str(path) for _, path in job.previews], job.outcome_html() + job.summary_html()
+        return _error_html(str(exc)), _update()
+    runner.start(job, cfg, resume=resume)
+    verb = "Resuming" if resume else "Training"
+    return f"<p class='ti-trainer-info'>{verb} {html.escape(cfg.name)}: the run panel below follows it.</p>", \
+        _update(choices=_run_choices())
+
+
+def _relative_run(output_dir: str) -> str | None:
+    root = a1111.output_root().resolve()
+    folder = Path(output_dir).resolve()
+    return folder.relative_to(root).as_posix() if folder.is_relative_to(root) else None
+
+
+def _stop_clicked():
+    job = runner.current_job()
+    if job is None:
+        return "<p class='ti-trainer-info'>No training run is active.</p>"
+    job.request_stop()
+    return f"<p class='ti-trainer-info'>Stopping {html.escape(job.name)} after the current step; it will be saved.</p>"
+
+
+def _load_clicked(output_dir: str | None):
+    try:
+        cfg = runner.load_run(output_dir or "")
+    except TIError as exc:
+        return [_error_html(str(exc)), *[_update() for _ in FIELD_NAMES]]
+    note = (f"<p class='ti-trainer-info'>Loaded the settings of {html.escape(cfg.name)} "
+            f"({html.escape(output_dir or '')}). Resume continues it; Train starts a new run (another name, or "
+            "Overwrite).</p>")
+    return [note, *values_from_config(cfg)]
+
+
+def _poll(seen: str | None):
+    """The run panel: the active run (else this session's last), its previews only when they changed."""
+    job = runner.latest_job()
+    if job is None:
+        return "{}", panel_html(None), _update()
+    status = {"run_id": job.run_id, "task_id": job.task_id, "state": job.state, "active": job.active,
+              "previews": len(job.previews)}
+    try:
+        before = json.loads(seen or "{}")
+    except ValueError:
+        before = {}
+    changed = (before.get("run_id"), before.get("previews")) != (job.run_id, len(job.previews))
+    gallery = _update(value=gallery_items(job)) if changed else _update()
+    return json.dumps(status), panel_html(job), gallery
+
+
+def gallery_items(job: Job) -> list[tuple[str, str]]:
+    return [(str(path), f"step {step}") for step, path in job.previews]
+
+
+def panel_html(job: Job | None) -> str:
+    """The run panel: state, step/loss/lr/ETA with the loss chart, notes, the outcome, the run's settings."""
+    if job is None:
+        return ("<div class='ti-trainer-idle'>No run in this session yet. Fill in the settings and press Train, "
+                "or choose a saved run and press Load run to resume it.</div>")
+    state = {"queued": "waiting for the GPU (a generation is running)", "running": "training",
+             "stopping": "stopping after this step", "finished": "finished", "stopped": "stopped",
+             "failed": "failed"}.get(job.state, job.state)
+    head = (f"<div class='ti-trainer-head'><b>{html.escape(job.name)}</b> "
+            f"<span class='ti-trainer-state ti-trainer-{job.state}'>{html.escape(state)}</span></div>")
+    outcome = "" if job.active else job.outcome_html()
+    settings = "".join(f"<tr><th>{html.escape(field_label(_FIELDS[k]))}</th><td>{html.escape(str(job.settings[k]))}"
+                       "</td></tr>" for k in PANEL_SETTINGS if k in job.settings)
+    details = f"<details class='ti-trainer-settings'><summary>Settings of this run</summary><table>{settings}</table>" \
+              "</details>" if settings else ""
+    return f"<div class='ti-trainer-run'>{head}{outcome}{job.summary_html()}{details}</div>"
 
 
 def _create_clicked(*args):
@@ -188,34 +366,35 @@ def _create_clicked(*args):
         cfg, _ = _split(args)
         path = runner.create_embedding(cfg)
     except TIError as exc:
-        return None, _error_html(str(exc))
-    return None, f"<p>Created {path}: type <code>{cfg.name}</code> in a prompt to use it.</p>"
+        return _update(), _error_html(str(exc))
+    return _update(), f"<p class='ti-trainer-info'>Created {html.escape(str(path))}: type " \
+                      f"<code>{html.escape(cfg.name)}</code> in a prompt to use it.</p>"
+
+
+def _compare_clicked(prompts: str, checkpoints: str, *args):
+    """Prompts x checkpoints through the host's txt2img, with the form's (a loaded run's) preview parameters."""
+    try:
+        runner.refuse_if_active()  # the GPU is the run's until it ends: refused now, not queued
+        cfg, _ = _split(args)
+        path = compare.render_grid(cfg, prompts, checkpoints)
+    except TIError as exc:
+        return _update(), _error_html(str(exc))
+    return str(path), f"<p class='ti-trainer-info'>Grid saved as {html.escape(str(path))}.</p>"
 
 
 def _check_clicked(*args):
     """The pre-flight check: images usable and skipped, captions, trigger, sizes, memory, learning rate."""
-    import html
-
     try:
         cfg, _ = _split(args)
         if a1111.ui_exposed():
             runner.check_readable(cfg)
-        report = check(cfg, family=a1111.loaded_family())
+        report = check(cfg, family=a1111.loaded_family(), on_cpu=a1111.computes_on_cpu())
     except TIError as exc:
-        return None, _error_html(str(exc))
-    cls = "ti-trainer-report" if report.ok else "error"
-    return None, f"<pre class='{cls}'>{html.escape(report.format())}</pre>"
-
-
-def _stop_clicked():
-    job = runner.current_job()
-    if job is None:
-        return "<p>No training run is active.</p>"
-    job.request_stop()
-    return f"<p>Stopping {job.name} after the current step; it will be saved.</p>"
+        return _error_html(str(exc))
+    cls = "ti-trainer-report" if report.ok else "ti-trainer-report ti-trainer-error"
+    return f"<pre class='{cls}'>{html.escape(report.format())}</pre>"
 
 
 def _error_html(message: str) -> str:
-    import html
+    return f"<div class='ti-trainer-error error'>{html.escape(message)}</div>"
 
-    return f"<div class='error'>{html.escape(message)}</div>"

@@ -12,7 +12,7 @@ import typing
 from dataclasses import Field, fields
 from typing import Any
 
-from ..options import field_help, field_label
+from ..options import field_label, field_ui_help
 
 
 def ui_fields(cls: type, section: str | None = None) -> list[Field]:
@@ -30,9 +30,11 @@ def widget(cls: type, f: Field, default: Any, elem_id: str, **overrides: Any):
     import gradio as gr
 
     hint = typing.get_type_hints(cls)[f.name]
-    kwargs: dict[str, Any] = {"label": field_label(f), "info": field_help(f), "elem_id": elem_id} | overrides
+    kwargs: dict[str, Any] = {"label": field_label(f), "info": field_ui_help(f), "elem_id": elem_id} | overrides
     if typing.get_origin(hint) is typing.Literal:
         return gr.Dropdown(choices=list(typing.get_args(hint)), value=default, **kwargs)
+    if typing.get_origin(hint) is list and f.metadata.get("choices"):
+        return gr.CheckboxGroup(choices=list(f.metadata["choices"]), value=default, **kwargs)
     if hint is bool:
         return gr.Checkbox(value=default, **kwargs)
     if hint is int:
@@ -53,3 +55,12 @@ def values_to_options(cls: type, values: dict[str, Any]) -> dict[str, Any]:
             value = ""
         out[name] = value
     return out
+
+
+def keep_out_of_ui_config(block: Any) -> None:
+    """Mark ``block`` and every component inside it ``do_not_save_to_config``: the webui keys its ui-config.json
+    by tab and label ("train/Max steps/value"), so without this our controls would take the defaults of the
+    host's own Train tab controls of the same label (Max steps 100000, 512x512), not ours and the model's."""
+    block.do_not_save_to_config = True
+    for child in getattr(block, "children", []) or []:
+        keep_out_of_ui_config(child)

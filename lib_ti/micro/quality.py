@@ -19,6 +19,7 @@ so even "a red star" comes out a star only about half the time (README, figures 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -29,14 +30,16 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..checkpoints import checkpoint_path
+from ..checkpoints import checkpoint_path, lora_checkpoint_path
 from ..config import TrainConfig
 from ..embedding import match_to_model
 from ..engines.standalone import StandaloneEngine
 from ..errors import TIError
 from ..fileio import write_text
 from ..formats.embeddings import load_embedding
+from ..formats.lora import TEXT_PREFIXES, load_lora
 from ..grid import image_grid, save_png
+from ..lora import Adapters
 from ..trainer import train
 from .classifier import classify
 from .evaluate import Case, render, score
@@ -156,8 +159,18 @@ class StandaloneTarget:
             vectors = self.engine.init_vectors(cfg.init_text, 1)
         else:
             vectors = checkpoint_vectors(self.engine, self.tcfg, step)
-        return render(self.engine, cases, token=cfg.token, vectors=vectors, steps=cfg.sampler_steps,
-                      cfg_scale=cfg.cfg_scale)
+        with self.lora_at(step):
+            return render(self.engine, cases, token=cfg.token, vectors=vectors, steps=cfg.sampler_steps,
+                          cfg_scale=cfg.cfg_scale)
+
+    def lora_at(self, step: int | None):
+        """A pivotal run's checkpoint renders with its LoRA too (read back from the checkpoint's file, as a
+        user would load it); the init-word and plain-word rows render the model alone."""
+        if not step or self.tcfg is None or not self.tcfg.is_pivotal:
+            return contextlib.nullcontext()
+        path = lora_checkpoint_path(self.tcfg.run_dir, self.tcfg.name, step)
+        lora = load_lora(path, unet_config=self.engine.unet.config, text_prefixes=TEXT_PREFIXES[self.engine.family])
+        return Adapters(self.engine.lora_modules(self.tcfg.lora_targets), lora.modules, 0.0).attached()
 
 
 def checkpoint_vectors(engine, tcfg, step: int):
@@ -177,6 +190,9 @@ class Row:
 def run_quality(target, classifier, cfg: QualityConfig, *, progress: Callable[[str], None] = lambda _msg: None) -> dict:
     """Train through ``target``, render and score every checkpoint; write the grid and report.json to ``cfg.out``."""
     out = Path(cfg.out)
+    if target.name == "webui" and dict(cfg.train_settings).get("mode") == "pivotal":
+        raise TIError("bench quality --engine webui renders the published embedding only, not a LoRA: run mode "
+                      "pivotal with --engine standalone")
     t0 = time.perf_counter()
     data_dir = write_concept_images(cfg, out / "images")
     progress(f"training {cfg.token!r} from {cfg.num_images} images of a {cfg.concept}, init word {cfg.init_text!r}")
@@ -211,7 +227,8 @@ def _report(cfg: QualityConfig, tcfg, rows: list[Row], trained: Trained, train_s
     return {
         "bench": asdict(cfg), "engine": target.name, "model": target.model, "token": cfg.token,
         "prompts": list(TOKEN_TEMPLATES), "train_settings_not_default": changed, "steps_done": trained.steps_done,
-        "embedding": trained.embedding, "train_wall_s": round(train_s, 1), "total_wall_s": round(total_s, 1),
+        "embedding": trained.embedding, "train_wall_s": round(train_s, 1),
+        "train_s_per_step": round(train_s / max(trained.steps_done, 1), 4), "total_wall_s": round(total_s, 1),
         "rows": figures,
     }
 
@@ -233,7 +250,8 @@ def format_report(report: dict) -> str:
         f"renders       {bench['renders']} prompts per row ({bench['sampler_steps']} Euler steps, "
         f"cfg {bench['cfg_scale']}): "
         + " | ".join(report["prompts"]),
-        f"training      {report['steps_done']} steps in {report['train_wall_s']:.1f}s; settings other than the "
+        f"training      {report['steps_done']} steps in {report['train_wall_s']:.1f}s "
+        f"({report['train_s_per_step']:.3f} s/step); settings other than the "
         f"defaults: {report['train_settings_not_default']}",
         f"engine        {report['engine']} on {report['model']}",
         f"total         {report['total_wall_s']:.1f}s; grid {report['grid']}; embedding {report['embedding']}",
