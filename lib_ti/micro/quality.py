@@ -94,7 +94,7 @@ class QualityConfig:
 def write_concept_images(cfg: QualityConfig, folder: Path) -> Path:
     """``num_images`` pictures of the concept, each in a different colour, on random backgrounds, each
     with the caption that names everything but the concept ("a red [name] on a blue background"): the
-    default templates ignore it, ``--train-set template=captions`` trains with it."""
+    default template (auto) trains with it; ``--train-set template=object`` ignores it."""
     rng = random.Random(f"quality-images-{cfg.seed}")
     colours = list(COLOUR_NAMES)
     rng.shuffle(colours)

@@ -190,8 +190,8 @@ def _render(engine, base: PreviewRequest, prompt: str, seed: int, token: str, ve
 def _write(report: ScoreReport, grid_rows: list[list], out: Path) -> None:
     labels = [f"step {r.step}{'  *' if r.step == report.recommended else ''}\nfidelity {r.fidelity:.3f}\n"
               f"editability {r.editability:.3f}" for r in report.rows]
-    title = (f"{report.name}: '{report.fidelity_prompt}', then " + " | ".join(report.edit_prompts)
-             + " (* recommended)")
+    title = (f"{report.name}: '{report.fidelity_prompt}', then the {len(report.edit_prompts)} editability prompts "
+             "(scores.json); * recommended")
     report.grid = str(save_png(image_grid(grid_rows, labels, title), out / "grid.png"))
     report.files = {"grid": report.grid, "json": str(out / "scores.json")}
     write_text(out / "scores.json", json.dumps(report.to_dict(), indent=2) + "\n")
