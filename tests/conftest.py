@@ -41,6 +41,29 @@ def tiny_model(tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="module")
+def engines(tiny_model):
+    """``engines(family) -> StandaloneEngine``: each tiny model loaded once per test module."""
+    from lib_ti.engines.standalone import StandaloneEngine
+
+    cache: dict[str, StandaloneEngine] = {}
+
+    def get(family: str) -> StandaloneEngine:
+        if family not in cache:
+            cache[family] = StandaloneEngine.load(tiny_model(family))
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """A folder of 4 distinct 64x64 images, once per test module."""
+    from lib_ti.bench.speed import draw_images
+
+    return draw_images(tmp_path_factory.mktemp("images"), 4, 64)
+
+
 @pytest.fixture
 def cli(capsys):
     """``cli(*args) -> (exit code, stdout, stderr)``: ``python -m lib_ti ARGS`` in this process.

@@ -8,34 +8,15 @@ import pytest
 import torch
 
 from lib_ti import events
-from lib_ti.bench.speed import draw_images
 from lib_ti.config import TrainConfig
 from lib_ti.data import prepare_data
 from lib_ti.embedding import match_to_model
-from lib_ti.engines.standalone import StandaloneEngine
 from lib_ti.errors import TIError
 from lib_ti.formats.embeddings import load_embedding, save_embedding
 from lib_ti.trainer import evaluate_loss, train
 
 pytestmark = pytest.mark.slow
 FAMILIES = ["sd1", "sd2", "sdxl"]
-
-
-@pytest.fixture(scope="module")
-def engines(tiny_model):
-    cache: dict[str, StandaloneEngine] = {}
-
-    def get(family: str) -> StandaloneEngine:
-        if family not in cache:
-            cache[family] = StandaloneEngine.load(tiny_model(family))
-        return cache[family]
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return draw_images(tmp_path_factory.mktemp("images"), 4, 64)
 
 
 def config(tmp_path, images, **changes) -> TrainConfig:
