@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -42,7 +41,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def webui(tmp_path_factory):
-    from test_webui_real import Webui, _add_micro_model, _free_port, _wait_until_up
+    from test_webui_real import _add_micro_model, _free_port, running_webui
 
     from lib_ti.bench.speed import draw_images
     from lib_ti.micro.model import NAME as MICRO
@@ -63,20 +62,8 @@ def webui(tmp_path_factory):
             "--api", "--port", str(port), "--use-cpu", "all", "--no-half", "--precision", "full",
             "--skip-torch-cuda-test", "--skip-prepare-environment", "--skip-install", "--no-download-sd-model",
             "--skip-version-check", "--ti-trainer-output-dir", str(data_dir / "ti-runs")]
-    log = data_dir / "webui.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(args, cwd=WEBUI, stdout=out, stderr=subprocess.STDOUT, env=env)
-    host = Webui(f"http://127.0.0.1:{port}", log, proc, data_dir)
-    try:
-        _wait_until_up(host)
+    with running_webui(args, data_dir, port) as host:
         yield host
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="module")

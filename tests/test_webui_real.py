@@ -10,6 +10,7 @@ It never installs or builds the webui. CI does not set the variable, so the tier
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -140,13 +141,19 @@ def webui(tmp_path_factory):
         "--ti-trainer-allowed-roots",  # read by requests besides the data folder (the benchmark's images)
         str(allowed),
     ]
+    with running_webui(args, data_dir, port, PYTHONPATH=str(site)) as host:
+        host.allowed = allowed
+        yield host
+
+
+@contextlib.contextmanager
+def running_webui(args: list[str], data_dir: Path, port: int, **env: str):
+    """The webui started with ``args`` (offline, its log in ``data_dir``), up and answering; stopped after."""
     log = data_dir / "webui.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": str(site)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **env}
     with open(log, "wb") as out:
         proc = subprocess.Popen(args, cwd=WEBUI, stdout=out, stderr=subprocess.STDOUT, env=env)
     host = Webui(f"http://127.0.0.1:{port}", log, proc, data_dir)
-    host.allowed = allowed
     try:
         _wait_until_up(host)
         yield host
