@@ -2,8 +2,8 @@
 
 Prompts go through the host's own hijacked text encoder with the trained vectors registered as a live
 embedding, so training sees exactly the conditioning a txt2img generation builds (emphasis, 75-token
-chunks, clip skip); the loss is ours, from ``alphas_cumprod`` and ``apply_model``. Also used on
-reForge, whose model keeps A1111's shell. Imports the host lazily, inside functions.
+chunks, clip skip); the loss is ours, from ``alphas_cumprod`` and ``apply_model``. Imports the host
+lazily, inside functions.
 """
 
 from __future__ import annotations
