@@ -83,6 +83,17 @@ def test_a_run_trains_publishes_and_puts_the_host_back(webui):
     assert webui.tasks == [("queued", job.task_id), ("started", job.task_id), ("finished", job.task_id)]
 
 
+def test_a_pivotal_run_publishes_its_lora_and_leaves_the_hosts_layers_as_they_were(webui):
+    model = webui.sd_model
+    hooks_before = sum(len(m._forward_hooks) for m in model.modules())
+    weights_before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    job = _train(webui, mode="pivotal", lora_targets=["attn", "text"], ti_fraction=0.5)
+    assert job.state == "finished", job.error_detail or job.error
+    assert (webui.root / "models" / "Lora" / "tok.safetensors").is_file()
+    assert sum(len(m._forward_hooks) for m in model.modules()) == hooks_before  # the adapters are gone
+    assert all(torch.equal(p, weights_before[n]) for n, p in model.named_parameters())
+
+
 def test_the_hosts_interrupt_stops_a_run_and_the_live_embedding_goes_away(webui):
     webui.shared.state.interrupted = True
     job = _train(webui, steps=50)
@@ -292,7 +303,8 @@ def test_the_train_tab_starts_follows_and_stops_a_run(webui, page):
 
 def test_the_tabs_check_create_compare_and_load_buttons_answer(webui, page):
     report = _click(page, "ti_trainer_check", name="tok", data_dir=str(webui.root / "data"), **RUN)
-    assert "ti-trainer-report" in report and "4" in report
+    assert "ti-trainer-report" in report and "images: 4 usable, 0 skipped" in report, report
+    assert "RAM (the run computes on the CPU)" in report  # the fake webui computes on the CPU
     _, created = _click(page, "ti_trainer_create", name="tok", init_text="red", num_vectors=1)
     assert "Created" in created and (webui.root / "embeddings" / "tok.safetensors").is_file()
     grid, message = _click(page, "ti_trainer_compare", name="tok", width=64, height=64, preview_steps=2)

@@ -19,7 +19,7 @@ from ..engine import PreviewRequest
 from ..errors import TIError
 from ..fileio import load_torch
 from .a1111_engine import WebuiEngine, model_family, render, reset_conditioning_cache
-from .host import LoadedModel, training_size
+from .host import Host, LoadedModel, training_size
 from .registry import loaded_sd_model
 
 
@@ -86,7 +86,7 @@ class A1111Host:
                                                  levels if isinstance(levels, int) else 4))
 
 
-HOST = A1111Host()
+HOST: Host = A1111Host()  # typed: mypy checks the adapter against the seam
 
 
 # ---------------------------------------------------------------------- putting the host back
