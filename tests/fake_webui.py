@@ -1,9 +1,9 @@
-"""A fake AUTOMATIC1111 ``modules`` package around a tiny real SD1 model, for the fake-host tier.
+"""A fake AUTOMATIC1111 ``modules`` package around a tiny real SD1 or SDXL model, for the fake-host tier.
 
 What it fakes is the host's *surface* as ``lib_ti/hosts`` uses it (v1.10.1 names): ``shared`` with its
 job state, options and flags; the global embedding database and its prompt splice; ``processing``'s
-txt2img; the GPU queue; the folders. The model underneath is real (the project's tiny SD1: diffusers
-UNet, VAE and CLIP text model), so the adapter's training, conditioning and gradients are computed,
+txt2img; the GPU queue; the folders. The model underneath is real (the project's tiny SD1 or SDXL:
+diffusers UNet, VAE and CLIP text models), so the adapter's training, conditioning and gradients are computed,
 not stubbed. Whether the real host behaves like this fake is the real-host tier's question
 (tests/test_webui_real.py), not this one's.
 """
@@ -25,10 +25,10 @@ from lib_ti.splice import layout_prompts, name_pattern, spliced
 class FakeEmbedder(torch.nn.Module):
     """ldm's hijacked FrozenCLIPEmbedder: prompts -> context, registered embeddings spliced in by name."""
 
-    def __init__(self, text_model, tokenizer, db) -> None:
+    def __init__(self, text_model, tokenizer, db, key: str = "clip_l") -> None:
         super().__init__()
         self.wrapped = types.SimpleNamespace(transformer=text_model)  # where a1111_engine finds the token table
-        self.text_model, self.tokenizer, self.db = text_model, tokenizer, db
+        self.text_model, self.tokenizer, self.db, self.key = text_model, tokenizer, db, key
         self.is_trainable = False
 
     def encode_embedding_init_text(self, text: str, n: int) -> torch.Tensor:
@@ -37,17 +37,20 @@ class FakeEmbedder(torch.nn.Module):
         return table(torch.tensor(ids, dtype=torch.long))
 
     def forward(self, prompts: list[str]) -> torch.Tensor:
+        return self.encode(prompts).last_hidden_state
+
+    def encode(self, prompts: list[str]):
         # The host matches an embedding by its name's tokens; here by the whole word, one embedding per batch.
         emb = next((e for name, e in sorted(self.db.word_embeddings.items(), key=lambda kv: -len(kv[0]))
                     if any(name_pattern(name).search(p) for p in prompts)), None)
         if emb is None:
             ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                                  return_tensors="pt").input_ids
-            return self.text_model(ids).last_hidden_state
-        vec = emb.vec["clip_l"] if isinstance(emb.vec, dict) else emb.vec
+            return self.text_model(ids, output_hidden_states=True)
+        vec = emb.vec[self.key] if isinstance(emb.vec, dict) else emb.vec
         layout = layout_prompts(self.tokenizer, prompts, emb.name, vec.shape[0], self.tokenizer.model_max_length)
         with spliced(self.text_model.get_input_embeddings(), layout, vec):
-            return self.text_model(layout.ids).last_hidden_state
+            return self.text_model(layout.ids, output_hidden_states=True)
 
 
 class FakeLdm(torch.nn.Module):
@@ -74,6 +77,52 @@ class FakeLdm(torch.nn.Module):
 
     def apply_model(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return self.model.diffusion_model(x, t, encoder_hidden_states=cond).sample
+
+
+class FakeConditioner(torch.nn.Module):
+    """sgm's GeneralConditioner: every embedder whose ``is_trainable`` is False runs under no_grad (the quirk
+    hosts.md §2.1 names: through the host's own SDXL conditioning no gradient reaches the vectors unless it is set)."""
+
+    def __init__(self, engine, db) -> None:
+        super().__init__()
+        self.embedders = torch.nn.ModuleList([FakeEmbedder(e.model, e.tokenizer, db, e.key) for e in engine.encoders])
+
+    def forward(self, batch) -> dict[str, torch.Tensor]:
+        states, pooled = [], None
+        for embedder in self.embedders:
+            with torch.set_grad_enabled(embedder.is_trainable and torch.is_grad_enabled()):
+                out = embedder.encode(list(batch))
+            states.append(out.hidden_states[-2])  # SDXL conditions on the penultimate layer of both encoders
+            pooled = getattr(out, "text_embeds", pooled)
+        h, w = getattr(batch, "height", 1024) or 1024, getattr(batch, "width", 1024) or 1024
+        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32).repeat(len(batch), 1)
+        return {"crossattn": torch.cat(states, dim=-1), "vector": pooled, "time_ids": time_ids}
+
+
+class FakeSgm(FakeLdm):
+    """sgm's DiffusionEngine as A1111 patches it (sd_models_xl): ``conditioner`` (also ``cond_stage_model``),
+    ``get_learned_conditioning`` of an ``SdConditioning``, ``apply_model`` of the dict it returns."""
+
+    is_sd1, is_sdxl = False, True
+
+    def __init__(self, engine, db) -> None:
+        super().__init__(engine, db)
+        self.conditioner = self.cond_stage_model = FakeConditioner(engine, db)
+        for block in engine.unet.down_blocks:  # sgm's config asks every block to checkpoint itself
+            block.use_checkpoint = True
+
+    def get_learned_conditioning(self, batch) -> dict[str, torch.Tensor]:
+        return self.conditioner(batch)
+
+    def apply_model(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        added = {"text_embeds": cond["vector"], "time_ids": cond["time_ids"]}
+        return self.model.diffusion_model(x, t, encoder_hidden_states=cond["crossattn"], added_cond_kwargs=added).sample
+
+
+class SdConditioning(list):
+    def __init__(self, prompts, is_negative_prompt=False, width=None, height=None) -> None:
+        super().__init__(prompts)
+        self.is_negative_prompt, self.width, self.height = is_negative_prompt, width, height
 
 
 # ---------------------------------------------------------------------- textual_inversion and sd_hijack
@@ -152,6 +201,7 @@ def process_images(p) -> types.SimpleNamespace:
     state.job_count, state.job_no, state.sampling_steps, state.skipped = 1, 0, p.steps, False  # the host resets
     with torch.no_grad():
         cond = p.sd_model.cond_stage_model([p.prompt])
+    cond = cond["crossattn"] if isinstance(cond, dict) else cond
     shade = int(abs(float(cond.mean())) * 1e4) % 256
     return types.SimpleNamespace(images=[Image.new("RGB", (p.width, p.height), (shade, 0, 0))])
 
@@ -189,7 +239,7 @@ def install(monkeypatch, root: Path, engine) -> types.SimpleNamespace:
     for folder in ("embeddings", "textual_inversion_templates", "models/Lora", "models/BLIP"):
         (root / folder).mkdir(parents=True, exist_ok=True)
     db = EmbeddingDatabase()
-    sd_model = FakeLdm(engine, db)
+    sd_model = (FakeSgm if engine.family == "sdxl" else FakeLdm)(engine, db)
     cmd_opts = types.SimpleNamespace(
         embeddings_dir=str(root / "embeddings"),
         textual_inversion_templates_dir=str(root / "textual_inversion_templates"),
@@ -214,6 +264,7 @@ def install(monkeypatch, root: Path, engine) -> types.SimpleNamespace:
         "modules.textual_inversion.textual_inversion": module(
             "modules.textual_inversion.textual_inversion", Embedding=Embedding,
             create_embedding_from_data=create_embedding_from_data),
+        "modules.prompt_parser": module("modules.prompt_parser", SdConditioning=SdConditioning),
         "modules.processing": module("modules.processing", StableDiffusionProcessing=Txt2Img,
                                      StableDiffusionProcessingTxt2Img=Txt2Img, process_images=process_images),
         "modules.call_queue": module("modules.call_queue", queue_lock=threading.Lock(),

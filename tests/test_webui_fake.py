@@ -166,6 +166,34 @@ def test_medvram_hooks_are_lifted_for_the_run_and_put_back(webui):
         handle.remove()
 
 
+@pytest.fixture()
+def sdxl_webui(tmp_path, monkeypatch, engines, images):
+    fake = fake_webui.install(monkeypatch, tmp_path / "webui", engines("sdxl"))
+    shutil.copytree(images, fake.root / "data")
+    monkeypatch.setattr(runner, "JOBS", {})
+    monkeypatch.setattr(gpu_queue, "_clock", {})
+    yield fake
+    for block in fake.sd_model.model.diffusion_model.down_blocks:  # the tiny engine is shared by the module
+        del block.use_checkpoint
+
+
+def test_sdxl_self_check_reaches_both_encoders_through_the_hosts_no_grad_conditioner(sdxl_webui):
+    """hosts.md §2.1 (3): sgm runs non-trainable embedders under no_grad; the engine must lift that for a step."""
+    report = registry.current_host().self_check("a photo", "a {} on a table")
+    assert report["ok"], report
+    assert set(report["grad_norm"]) == {"clip_l", "clip_g"} and min(report["grad_norm"].values()) > 0
+    assert not any(e.is_trainable for e in sdxl_webui.sd_model.conditioner.embedders)  # put back
+
+
+def test_an_sdxl_run_trains_one_encoder_and_gives_back_the_blocks_checkpointing(sdxl_webui):
+    job = _train(sdxl_webui, train_encoders=["clip_g"], gradient_checkpointing=False, steps=2, save_every=2)
+    assert job.state == "finished", job.error_detail or job.error
+    published = sdxl_webui.db.word_embeddings["tok"]
+    assert set(published.vec) == {"clip_l", "clip_g"} and published.filename.endswith("tok.safetensors")
+    assert all(block.use_checkpoint for block in sdxl_webui.sd_model.model.diffusion_model.down_blocks)
+    assert sdxl_webui.checkpointing == []  # SDXL's own flags, never ldm's checkpoint patch
+
+
 # ---------------------------------------------------------------------- settings, folders, publishing
 def test_settings_are_registered_prefixed_and_folder_settings_closed_to_the_api(webui, monkeypatch):
     gradio = fake_webui.install_gradio(monkeypatch)
