@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import time
 import types
+import typing
 from pathlib import Path
 
 import fake_webui
@@ -397,3 +398,30 @@ def test_an_unsupported_webui_gets_one_sentence_in_the_tab_and_the_api(webui, mo
     assert not [c for c in gradio.all if c.elem_id == "ti_trainer_train"]
     response = api().post("/ti-trainer/v1/train", json={"name": "tok", "data_dir": str(webui.root / "data")})
     assert response.status_code == 422 and "cannot train in Forge" in response.json()["detail"]
+
+
+def test_the_entry_script_registers_the_settings_and_mounts_the_api_only_with_the_hosts_api(webui, monkeypatch):
+    import importlib.util
+
+    fastapi = pytest.importorskip("fastapi", reason="the API tests need fastapi and httpx (requirements-dev.txt)")
+    registered: dict[str, typing.Any] = {}
+
+    def hook(name: str):
+        return lambda fn, **_: registered.setdefault(name, fn)
+
+    callbacks = fake_webui.module("modules.script_callbacks", **{f"on_{name}": hook(name) for name in (
+        "ui_train_tabs", "ui_tabs", "ui_settings", "app_started")})
+    monkeypatch.setitem(fake_webui.sys.modules, "modules.script_callbacks", callbacks)
+    spec = importlib.util.spec_from_file_location("ti_trainer_entry", Path(__file__).parents[1] / "scripts" /
+                                                  "ti_trainer.py")
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    fake_webui.install_gradio(monkeypatch)
+    registered["ui_settings"]()
+    assert "ti_trainer_output_dir" in webui.shared.opts.data_labels
+    routes = {}
+    for api in (True, False):
+        webui.shared.cmd_opts.api = api
+        app = fastapi.FastAPI()
+        registered["app_started"](None, app)
+        routes[api] = {path for path in app.openapi()["paths"] if path.startswith(webui_api.PREFIX)}  # as /docs lists
+    assert f"{webui_api.PREFIX}/train" in routes[True] and routes[False] == set()
