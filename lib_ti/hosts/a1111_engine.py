@@ -280,8 +280,9 @@ def reset_conditioning_cache() -> None:
     after the vectors change, a cached conditioning would render the old embedding."""
     from modules import processing
 
-    processing.StableDiffusionProcessing.cached_c = [None, None]
-    processing.StableDiffusionProcessing.cached_uc = [None, None]
-    processing.StableDiffusionProcessingTxt2Img.cached_hr_c = [None, None]
-    processing.StableDiffusionProcessingTxt2Img.cached_hr_uc = [None, None]
+    # [params, conditioning] in A1111; Forge adds a third slot (the infotext its text engines wrote).
+    for cls, attrs in ((processing.StableDiffusionProcessing, ("cached_c", "cached_uc")),
+                       (processing.StableDiffusionProcessingTxt2Img, ("cached_hr_c", "cached_hr_uc"))):
+        for attr in attrs:
+            setattr(cls, attr, [None] * max(2, len(getattr(cls, attr, None) or ())))
 

@@ -167,8 +167,9 @@ def build_controls(txt2img_params: list) -> None:
 
     inputs = [task_id, *[widgets[n] for n in FIELD_NAMES], from_txt2img, *txt2img_params]
     quick = {"queue": False, "show_progress": "hidden"}
-    train.click(fn=_train_clicked, _js="ti_trainer_start", inputs=inputs, outputs=[message, runs], **quick)
-    resume.click(fn=_resume_clicked, _js="ti_trainer_start", inputs=inputs, outputs=[message, runs], **quick)
+    start_js = js_kwarg("ti_trainer_start")
+    train.click(fn=_train_clicked, inputs=inputs, outputs=[message, runs], **start_js, **quick)
+    resume.click(fn=_resume_clicked, inputs=inputs, outputs=[message, runs], **start_js, **quick)
     stop.click(fn=_stop_clicked, inputs=[], outputs=[message], **quick)
     poll.click(fn=_poll, inputs=[status], outputs=[status, panel, gallery], **quick)
     # The host's GPU-call wrapper appends its timing to the last output, and puts None first on an error.
@@ -182,6 +183,15 @@ def build_controls(txt2img_params: list) -> None:
 
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+def js_kwarg(function: str) -> dict[str, str]:
+    """An event's page-side function: ``_js=`` in Gradio 3 (A1111, reForge), ``js=`` in Gradio 4 (Forge, which
+    would also rename ``_js`` itself, but drops unknown keywords with only a warning)."""
+    import gradio as gr
+
+    major = int(str(getattr(gr, "__version__", "3")).split(".")[0] or 3)
+    return {"js" if major >= 4 else "_js": function}
 
 
 def _widget(name: str, default, control=None, **overrides):
