@@ -135,7 +135,7 @@ def self_check(engine: ForgeEngine, init_text: str = "a photo", prompt: str = "a
         ours = engine.encode_prompts([prompt.format(token)], token, vectors, size)
         host = conditioning(engine.model, [prompt.format(init_text)], size, with_grad=False)
         diffs = {name: float((a.detach().float() - b.float()).abs().max()) for name, a, b in _pairs(ours, host)}
-        torch.stack([a.float().pow(2).sum() for _, a, _ in _pairs(ours, host)]).sum().backward()
+        probe_loss([a for _, a, _ in _pairs(ours, host)]).backward()
     grads = {k: float(v.grad.norm()) if v.grad is not None else 0.0 for k, v in vectors.items()}
     ok = all(d < 1e-4 for d in diffs.values()) and all(g > 0 for g in grads.values())
     info = getattr(engine.model, "sd_checkpoint_info", None)
@@ -143,6 +143,13 @@ def self_check(engine: ForgeEngine, init_text: str = "a photo", prompt: str = "a
             "widths": engine.encoder_widths, "vectors": tokens, "max_abs_diff": diffs, "grad_norm": grads,
             "prediction_type": engine.prediction_type, "replaced_inference_tensors": engine.replaced,
             "weights": weights_digest([*engine.modules(), engine.vae.first_stage_model])}
+
+
+def probe_loss(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A loss with a gradient everywhere: a fixed random projection. (A sum of squares would not do: Forge's SD1
+    conditioning ends in a LayerNorm, whose outputs' squares sum to a constant, so its gradient is exactly zero.)"""
+    generator = torch.Generator().manual_seed(0)
+    return torch.stack([(t.float() * torch.randn(t.shape, generator=generator).to(t.device)).sum() for t in tensors]).sum()
 
 
 __all__ = ["HOST", "ForgeHost", "refusal"]

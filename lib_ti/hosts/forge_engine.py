@@ -20,12 +20,14 @@ encoder. What this engine does differently from A1111's (``hosts.md`` §2.2 of t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from ..engine import PreviewRequest, frozen_modules, max_row_norm
+from ..engine import PreviewRequest, max_row_norm
 from ..errors import TIError
 from ..splice import spread_init_vectors
 from .a1111_engine import render
@@ -173,8 +175,23 @@ class ForgeEngine:
             return a.sqrt() * eps - (1 - a).sqrt() * x0
         return eps
 
-    def frozen(self):
-        return frozen_modules([*self.modules(), self.vae.first_stage_model], eval_mode=False)
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """No host weight requires grad inside (made autograd-safe first); each flag is put back afterwards on
+        the tensor then in its place (a preview render may have moved it), where torch allows it."""
+        self.prepare()
+        modules = [*self.modules(), self.vae.first_stage_model]
+        flags = [(sub, name, p.requires_grad) for m in modules for sub in m.modules()
+                 for name, p in sub._parameters.items() if p is not None]
+        for sub, name, _ in flags:
+            sub._parameters[name].requires_grad_(False)
+        try:
+            yield
+        finally:
+            for sub, name, flag in flags:
+                param = sub._parameters[name]
+                if flag and not _is_inference(param):  # torch refuses requires_grad on inference tensors
+                    param.requires_grad_(True)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         if enabled:
