@@ -105,6 +105,7 @@ def host_session(engine: ForgeEngine, token: str) -> Iterator[None]:
     try:
         yield
     finally:
+        engine.release()
         if engine.live is not None:
             for db, entry in previous:
                 db.register_embedding_by_name(entry, token)

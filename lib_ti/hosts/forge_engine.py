@@ -102,6 +102,7 @@ class ForgeEngine:
         self.checkpoint_hash = getattr(info, "shorthash", "") or ""
         self.live: Any = None  # the host Embedding whose .vec is the trained tensor during a run
         self.replaced = 0  # inference tensors of the host replaced by normal ones (self.prepare)
+        self.hooks: list = []  # on the UNet's LayerNorms while a session lasts (_input_copied)
 
     # ------------------------------------------------------------------ weights on the device, usable by autograd
     def modules(self) -> list[torch.nn.Module]:
@@ -115,6 +116,15 @@ class ForgeEngine:
         memory_management.load_models_gpu([self.unet, self.clip.patcher],
                                           memory_required=self.kmodel.memory_required(shape))
         self.replaced += autograd_safe(self.modules())
+        if not self.hooks:
+            self.hooks = [m.register_forward_pre_hook(_input_copied) for m in self.kmodel.modules()
+                          if isinstance(m, torch.nn.LayerNorm)]
+
+    def release(self) -> None:
+        """Take the hooks ``prepare`` added off the host's UNet (end of a session)."""
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
 
     # ------------------------------------------------------------------ Engine surface
     def init_vectors(self, init_text: str, num_vectors: int) -> dict[str, torch.Tensor]:
@@ -230,26 +240,41 @@ class ForgeEngine:
 def conditioning(sd_model, prompts: list[str], size: tuple[int, int], *, with_grad: bool):
     """Forge's generation conditioning for ``prompts`` at ``size`` (its clip skip setting applied, as processing
     does); ``with_grad``: the same body run outside its inference-mode decorator."""
+    from backend.text_processing import classic_engine
     from modules import shared
     from modules.prompt_parser import SdConditioning
 
     sd_model.set_clip_skip(int(shared.opts.CLIP_stop_at_last_layers))
     batch = SdConditioning(prompts, width=size[1], height=size[0])
-    if not with_grad:
-        return sd_model.get_learned_conditioning(batch)
     body = getattr(type(sd_model).get_learned_conditioning, "__wrapped__", None)
     if body is None:
         raise TIError(f"this Forge's {type(sd_model).__name__}.get_learned_conditioning is not the inference-mode "
                       "wrapped function the extension knows, so no gradient can reach the embedding: please report "
                       "your Forge version")
-    with torch.inference_mode(False):
-        return body(sd_model, batch)
+    # The text engines note the embeddings they used ("TI: name") for the next generation's infotext: ours are not.
+    notes = dict(classic_engine.last_extra_generation_params)
+    try:
+        if not with_grad:
+            return sd_model.get_learned_conditioning(batch)
+        with torch.inference_mode(False):
+            return body(sd_model, batch)
+    finally:
+        classic_engine.last_extra_generation_params.clear()
+        classic_engine.last_extra_generation_params.update(notes)
 
 
 def token_table(engine) -> torch.Tensor:
     """A text engine's token-embedding weight (Forge wraps the layer in CLIPEmbeddingForTextualInversion)."""
     layer = engine.text_encoder.transformer.text_model.embeddings.token_embedding
     return getattr(layer, "wrapped", layer).weight
+
+
+def _input_copied(_module, args):
+    """Forge's transformer blocks add in place to the tensor their LayerNorm just read (``x += attn(norm1(x))``),
+    which autograd refuses (the norm saved it for the backward pass): with grad on, the norm reads a copy."""
+    if args and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
+        return (args[0].clone(), *args[1:])
+    return None
 
 
 def _is_inference(t: torch.Tensor) -> bool:
