@@ -150,7 +150,8 @@ def probe_loss(tensors: list[torch.Tensor]) -> torch.Tensor:
     """A loss with a gradient everywhere: a fixed random projection. (A sum of squares would not do: Forge's SD1
     conditioning ends in a LayerNorm, whose outputs' squares sum to a constant, so its gradient is exactly zero.)"""
     generator = torch.Generator().manual_seed(0)
-    return torch.stack([(t.float() * torch.randn(t.shape, generator=generator).to(t.device)).sum() for t in tensors]).sum()
+    terms = [(t.float() * torch.randn(t.shape, generator=generator).to(t.device)).sum() for t in tensors]
+    return torch.stack(terms).sum()
 
 
 __all__ = ["HOST", "ForgeHost", "refusal"]
