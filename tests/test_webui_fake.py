@@ -386,18 +386,17 @@ def test_the_dataset_captioner_refuses_a_host_blip_that_cannot_load(webui):
 
 
 def test_an_unsupported_webui_gets_one_sentence_in_the_tab_and_the_api(webui, monkeypatch, api):
-    # Forge: its own engine as the model, no global embedding database (hosts.md §2.2)
-    forge = types.SimpleNamespace(forge_objects=object(), cond_stage_model=None, text_processing_engine=object())
-    webui.modules["modules.sd_models"].model_data.sd_model = forge
-    monkeypatch.setitem(fake_webui.sys.modules, "backend.memory_management", types.ModuleType("x"))
+    # SD.Next: a diffusers pipeline as the model, no A1111 model shell (hosts.md §2.6)
+    pipeline = types.SimpleNamespace(unet=object(), text_encoder=object(), cond_stage_model=None)
+    webui.modules["modules.sd_models"].model_data.sd_model = pipeline
     gradio = fake_webui.install_gradio(monkeypatch)
     monkeypatch.setitem(webui_tab._state, "in_train_tab", False)
     webui_tab.on_ui_tabs()
     (sentence,) = [c for c in gradio.all if c.elem_id == "ti_trainer_unsupported"]
-    assert "cannot train in Forge" in sentence.args[0]
+    assert "cannot train in a diffusers-based webui (SD.Next)" in sentence.args[0]
     assert not [c for c in gradio.all if c.elem_id == "ti_trainer_train"]
     response = api().post("/ti-trainer/v1/train", json={"name": "tok", "data_dir": str(webui.root / "data")})
-    assert response.status_code == 422 and "cannot train in Forge" in response.json()["detail"]
+    assert response.status_code == 422 and "cannot train in a diffusers-based webui" in response.json()["detail"]
 
 
 def test_the_entry_script_registers_the_settings_and_mounts_the_api_only_with_the_hosts_api(webui, monkeypatch):
