@@ -129,9 +129,30 @@ def test_what_cannot_train_in_forge_is_refused_in_one_sentence(webui, monkeypatc
         forge.HOST.engine()
     monkeypatch.setattr(webui.sd_model, "is_sd3", False)
     monkeypatch.setattr(webui.sd_model, "is_sd1", True)
-    job = _train(webui, gradient_checkpointing=True)
-    assert job.state == "failed" and "gradient_checkpointing=True is invalid in Forge" in job.error
+    job = _train(webui, mode="pivotal")
+    assert job.state == "failed" and "mode pivotal (embedding + LoRA) is not available in Forge" in job.error
     assert "tok" not in webui.db.word_embeddings
+
+
+def test_gradient_checkpointing_runs_forges_blocks_through_torch_checkpoint_and_comes_off(webui, monkeypatch):
+    calls: list[int] = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    engine = forge.HOST.engine()
+    unet = torch.nn.Module()  # Forge's UNet layout: input_blocks, middle_block, output_blocks
+    unet.input_blocks = torch.nn.ModuleList([torch.nn.Linear(3, 3)])
+    unet.middle_block, unet.output_blocks = torch.nn.Linear(3, 3), torch.nn.ModuleList([torch.nn.Linear(3, 3)])
+    engine.kmodel.diffusion_model = unet
+    x = torch.randn(2, 3, requires_grad=True)
+    plain = unet.output_blocks[0](unet.middle_block(unet.input_blocks[0](x)))
+    engine.set_gradient_checkpointing(True)
+    assert all("forward" in b.__dict__ for b in (unet.input_blocks[0], unet.middle_block, unet.output_blocks[0]))
+    out = unet.output_blocks[0](unet.middle_block(unet.input_blocks[0](x)))
+    assert torch.equal(out, plain) and len(calls) == 3
+    out.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    engine.release()
+    assert not any("forward" in b.__dict__ for b in (unet.input_blocks[0], unet.middle_block, unet.output_blocks[0]))
 
 
 def test_the_tab_builds_with_gradio_4s_js_keyword(webui, monkeypatch):

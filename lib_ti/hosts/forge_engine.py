@@ -21,11 +21,13 @@ encoder. What this engine does differently from A1111's (``hosts.md`` §2.2 of t
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 
 from ..engine import PreviewRequest, max_row_norm
 from ..errors import TIError
@@ -121,7 +123,8 @@ class ForgeEngine:
                           if isinstance(m, torch.nn.LayerNorm)]
 
     def release(self) -> None:
-        """Take the hooks ``prepare`` added off the host's UNet (end of a session)."""
+        """Take the hooks ``prepare`` and the checkpointing added off the host's UNet (end of a session)."""
+        self.set_gradient_checkpointing(False)
         for hook in self.hooks:
             hook.remove()
         self.hooks = []
@@ -204,9 +207,19 @@ class ForgeEngine:
                     param.requires_grad_(True)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
-        if enabled:
-            raise TIError("config gradient_checkpointing=True is invalid in Forge: its UNet has no checkpointing "
-                          "to turn on; turn it off (or lower the batch size or the size to save memory)")
+        """Forge's UNet has no checkpointing of its own: each of its input, middle and output blocks is run through
+        torch's (non-reentrant) checkpoint while enabled. Worth it where Forge stores the weights in another dtype
+        than it computes in (bf16 on a CPU): the cast copies would otherwise be kept for the backward pass."""
+        blocks = [*getattr(self.kmodel.diffusion_model, "input_blocks", []),
+                  getattr(self.kmodel.diffusion_model, "middle_block", None),
+                  *getattr(self.kmodel.diffusion_model, "output_blocks", [])]
+        for block in blocks:
+            if block is None:
+                continue
+            if enabled and "forward" not in block.__dict__:
+                block.forward = functools.partial(_checkpointed, type(block).forward.__get__(block))
+            elif not enabled:
+                block.__dict__.pop("forward", None)
 
     @torch.no_grad()
     def render_preview(self, request: PreviewRequest, token: str, vectors: dict[str, torch.Tensor]):
@@ -267,6 +280,12 @@ def token_table(engine) -> torch.Tensor:
     """A text engine's token-embedding weight (Forge wraps the layer in CLIPEmbeddingForTextualInversion)."""
     layer = engine.text_encoder.transformer.text_model.embeddings.token_embedding
     return getattr(layer, "wrapped", layer).weight
+
+
+def _checkpointed(forward, *args, **kwargs):
+    if torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
 
 
 def _input_copied(_module, args):
