@@ -230,34 +230,41 @@ def fake_shared(monkeypatch):
 
 def _host_eta(state, now: float) -> float:
     """The host's own ETA (modules/progress.py progressapi, v1.10.1) from the job state."""
-    progress = min(state.job_no / state.job_count, 1)
+    progress = state.job_no / state.job_count
+    if state.sampling_steps > 0:
+        progress += state.sampling_step / state.sampling_steps / state.job_count
+    progress = min(progress, 1)
     elapsed = now - state.time_start
     return elapsed / progress - elapsed
 
 
-def test_the_host_bar_shows_plain_text_and_this_sessions_eta(fake_shared, monkeypatch):
+def test_the_host_bar_shows_plain_text_and_the_runs_own_eta(fake_shared, monkeypatch):
     import time
 
     clock = [5000.0]
     monkeypatch.setattr(time, "time", lambda: clock[0])
     a1111.progress_begin(100, 40, "tok")  # a resumed run: 40 steps were done before, data loading took long
-    clock[0] += 30.0  # 30 s for 10 steps of this session: the 50 steps left take 150 s
+    clock[0] += 30.0
     a1111.progress_step(50, 100, "tok")
     state = fake_shared.state
     assert state.job_no == 50 and state.job_count == 100
     assert "<" not in state.textinfo and "\n" not in state.textinfo and "step 50/100" in state.textinfo
+    a1111.progress_eta(150.0)
     assert _host_eta(state, clock[0]) == pytest.approx(150.0)
-    clock[0] += 90.0  # 20 more steps in 90 s: slower now, (30 + 90) s / 30 steps x 30 left
-    a1111.progress_step(70, 100, "tok")
+    state.sampling_step, state.sampling_steps = 5, 10  # a preview render: the host counts its sampling steps too
+    a1111.progress_eta(120.0)
     assert _host_eta(state, clock[0]) == pytest.approx(120.0)
     a1111.progress_end()
     assert state.time_start == 1000.0  # the host logs the job's real duration
 
 
-def test_eta_is_left_to_the_host_before_the_first_step_and_at_the_end():
-    assert a1111.host_time_start(10.0, 0.0, 5, 5, 100) is None
-    assert a1111.host_time_start(10.0, 0.0, 0, 100, 100) is None
-    assert a1111.host_time_start(10.0, 0.0, 0, 10, 100) == pytest.approx(0.0)  # a fresh run: the host's own ETA
+def test_eta_is_left_to_the_host_before_the_first_step_and_at_the_end(fake_shared):
+    assert a1111.host_time_start(10.0, 5.0, 0.0) is None
+    assert a1111.host_time_start(10.0, 5.0, 1.0) is None
+    assert a1111.host_time_start(10.0, 9.0, 0.5) == pytest.approx(1.0)
+    a1111.progress_begin(100, 0, "tok")
+    a1111.progress_eta(None)  # no step timed yet
+    assert fake_shared.state.time_start == 1000.0
 
 
 @pytest.mark.parametrize("flag", a1111.STOP_FLAGS)
@@ -345,7 +352,7 @@ def test_the_run_panel_is_polled_from_the_server_after_a_reload(host_folders, no
     status, panel, gallery = webui_tab._poll("{}")  # a fresh page: no state of its own
     assert json.loads(status) == {"run_id": job.run_id, "task_id": "task(abc)", "state": "running", "active": True,
                                   "previews": 1}
-    assert "tok" in panel and "10 / 100" in panel and "0.1250" in panel and "0:45" in panel and "/data/tok" in panel
+    assert "tok" in panel and "10 / 100" in panel and "0.1250" in panel and "ETA" in panel and "/data/tok" in panel
     assert gallery["value"] == [(str(Path("previews/tok-10.png")), "step 10")]
     assert webui_tab._poll(status)[2] == {"__type__": "update"}  # previews unchanged: the gallery is left alone
     assert "Stopping tok" in webui_tab._stop_clicked() and job.should_stop()  # Stop from the reloaded page

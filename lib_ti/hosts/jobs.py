@@ -16,6 +16,7 @@ from typing import Any
 
 from .. import events
 from ..errors import TIError
+from .eta import RunClock
 
 
 @dataclass
@@ -29,7 +30,7 @@ class Job:
     step: int = 0
     lr: float | None = None
     images_per_s: float = 0.0
-    eta_s: float | None = None
+    clock: RunClock | None = field(default=None, repr=False)  # the time left, from the run's schedule
     losses: list[tuple[int, float]] = field(default_factory=list)
     previews: list[tuple[int, Path]] = field(default_factory=list)
     saved: list[tuple[int, Path]] = field(default_factory=list)
@@ -58,20 +59,34 @@ class Job:
     def active(self) -> bool:
         return self.state in ("queued", "running", "stopping")
 
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds left while the run trains (steps, saves and previews to come), else None."""
+        if self.clock is None or self.state not in ("running", "stopping"):
+            return None
+        return self.clock.remaining()
+
     # ------------------------------------------------------------------ events in
     def handle(self, event: object) -> None:
         if isinstance(event, events.Started):
             self.state = "stopping" if self._stop.is_set() else "running"
             self.step, self.total_steps, self.notes = event.start_step, event.total_steps, list(event.notes)
+            self.clock = RunClock.for_run(self.settings, event.total_steps, event.start_step)
         elif isinstance(event, events.Step):
             self.step, self.total_steps, self.lr = event.step, event.total_steps, event.lr
-            self.images_per_s, self.eta_s = event.images_per_s, event.eta_s
+            self.images_per_s = event.images_per_s
+            if self.clock is not None:
+                self.clock.stepped(event.step)
             if event.loss is not None:
                 self.losses.append((event.step, event.loss))
         elif isinstance(event, events.Saved):
             self.saved.append((event.step, Path(event.path)))
+            if self.clock is not None:
+                self.clock.saved()
         elif isinstance(event, events.Preview):
             self.previews.append((event.step, Path(event.path)))
+            if self.clock is not None:
+                self.clock.previewed()
         elif isinstance(event, events.Warning):
             self.warnings.append(event.message)
         elif isinstance(event, events.Result):
@@ -96,7 +111,8 @@ class Job:
             "active": self.active, "step": self.step,
             "total_steps": self.total_steps, "loss": self.losses[-1][1] if self.losses else None,
             "learning_rate": self.lr, "images_per_s": round(self.images_per_s, 3),
-            "eta_s": None if self.eta_s is None or self.eta_s != self.eta_s else round(self.eta_s, 1),
+            "eta_s": None if (eta := self.eta_s) is None else round(eta, 1),
+            "timing": self.clock.timing() if self.clock is not None else None,
             "last_preview": str(self.previews[-1][1]) if self.previews else None,
             "saved": [str(p) for _, p in self.saved], "published": [str(p) for p in self.published],
             "final_path": str(self.final_path) if self.final_path else None,
@@ -109,7 +125,7 @@ class Job:
         """Step, loss, learning rate and ETA, with the loss chart: the tab's run panel (never the host's bar)."""
         loss = f"{self.losses[-1][1]:.4f}" if self.losses else "-"
         lr = f"{self.lr:g}" if self.lr is not None else "-"
-        eta = _duration(self.eta_s) if self.eta_s is not None and self.eta_s == self.eta_s else "-"
+        eta = _duration(left) if (left := self.eta_s) is not None else "-"
         rows = [("Embedding", self.name), ("Step", f"{self.step} / {self.total_steps}"), ("Loss", loss),
                 ("Learning rate", lr), ("Images/s", f"{self.images_per_s:.2f}"), ("ETA", eta)]
         if self.saved:

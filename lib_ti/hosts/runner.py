@@ -6,8 +6,10 @@ calls are all in ``a1111``.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from .. import events
@@ -250,7 +252,7 @@ def run(job: Job, cfg: TrainConfig, *, resume: bool) -> Job:
         engine = a1111.current_engine()
         data = prepare_data(cfg)  # every data problem is reported before the model is touched
         publisher = _Publisher(job, cfg)
-        with a1111.host_session(engine, cfg.name):
+        with a1111.host_session(engine, cfg.name), _host_eta(job):
             result = train(engine, cfg, data=data, resume=resume, on_event=publisher.handle,
                            should_stop=lambda: job.should_stop() or a1111.host_interrupted())
         publisher.publish_final()  # after the session: the live embedding is unregistered by then
@@ -263,6 +265,26 @@ def run(job: Job, cfg: TrainConfig, *, resume: bool) -> Job:
     finally:
         a1111.progress_end()
     return job
+
+
+@contextlib.contextmanager
+def _host_eta(job: Job, every_s: float = 0.5) -> Iterator[None]:
+    """Keeps the host's progress bar ETA on the run's own (``Job.eta_s``) while the run trains: the host
+    extrapolates between our updates, and during a preview its ETA would grow by (1 - p) / p times the
+    preview's length."""
+    done = threading.Event()
+
+    def tick() -> None:
+        while not done.wait(every_s):
+            a1111.progress_eta(job.eta_s)
+
+    thread = threading.Thread(target=tick, name=f"ti-trainer eta {job.run_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 class _Publisher:
@@ -287,6 +309,7 @@ class _Publisher:
             a1111.progress_begin(event.total_steps, event.start_step, self.cfg.name)
         elif isinstance(event, events.Step):
             a1111.progress_step(event.step, event.total_steps, self.cfg.name)
+            a1111.progress_eta(self.job.eta_s)
         elif isinstance(event, events.Preview):
             a1111.progress_image(event.image)
             if event.step in self.copies:
