@@ -102,22 +102,20 @@ function ti_trainer_layout() {
     if (row) row.classList.toggle('ti-trainer-wide', ours);
 }
 
+// A click on a tab button of the page (not every click inside it: the hidden Poll button and the cards'
+// refresh are clicked by this script, and a tick answering those clicks would click again, doubling the
+// timers each time until the page's own timers, the host's progress bar among them, starve).
+function ti_trainer_on_tab_click(event) {
+    if (!event.target.closest || !event.target.closest('.tab-nav')) return;
+    setTimeout(ti_trainer_layout, 50);
+    setTimeout(ti_trainer_tick, 60);
+}
+
 onUiLoaded(function() {
     ti_trainer_layout();
     ti_trainer_tick();
     ti_trainer.timer = setInterval(ti_trainer_tick, 1500);
-    var tabs = gradioApp().getElementById('train_tabs');
-    if (tabs) {
-        tabs.addEventListener('click', function() {
-            setTimeout(ti_trainer_layout, 50);
-            setTimeout(ti_trainer_tick, 60);
-        });
-    }
-    var top = gradioApp().getElementById('tabs');
-    if (top) {
-        top.addEventListener('click', function() {
-            setTimeout(ti_trainer_layout, 50);
-            setTimeout(ti_trainer_tick, 60);
-        });
-    }
+    // #train_tabs lies inside #tabs: one listener sees the clicks of both.
+    var top = gradioApp().getElementById('tabs') || gradioApp().getElementById('train_tabs');
+    if (top) top.addEventListener('click', ti_trainer_on_tab_click);
 });
