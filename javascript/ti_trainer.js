@@ -102,11 +102,12 @@ function ti_trainer_layout() {
     if (row) row.classList.toggle('ti-trainer-wide', ours);
 }
 
-// A click on a tab button of the page (not every click inside it: the hidden Poll button and the cards'
+// The user's clicks only (a tab change may show or hide our tab): the hidden Poll button and the cards'
 // refresh are clicked by this script, and a tick answering those clicks would click again, doubling the
-// timers each time until the page's own timers, the host's progress bar among them, starve).
+// timers each time until the page's own timers, the host's progress bar among them, starve. (Not "a click
+// inside .tab-nav": Gradio replaces the clicked tab button before the click bubbles up here.)
 function ti_trainer_on_tab_click(event) {
-    if (!event.target.closest || !event.target.closest('.tab-nav')) return;
+    if (!event.isTrusted) return;
     setTimeout(ti_trainer_layout, 50);
     setTimeout(ti_trainer_tick, 60);
 }
