@@ -81,6 +81,10 @@ function ti_trainer_tick() {
     var poll = ti_trainer_el('poll');
     if (poll) poll.click();
     ti_trainer_attach(status);
+    // The poll's answer (a run found after a reload) attaches the bar now rather than at the next tick.
+    setTimeout(function() {
+        ti_trainer_attach(ti_trainer_status());
+    }, 700);
 }
 
 function ti_trainer_poll_soon() {

@@ -244,9 +244,10 @@ def test_the_host_bar_shows_plain_text_and_the_runs_own_eta(fake_shared, monkeyp
     clock = [5000.0]
     monkeypatch.setattr(time, "time", lambda: clock[0])
     a1111.progress_begin(100, 40, "tok")  # a resumed run: 40 steps were done before, data loading took long
+    state = fake_shared.state
+    assert state.job_count == 0 and "step 40/100" in state.textinfo  # no fraction yet: the host's ETA would be 0 s
     clock[0] += 30.0
     a1111.progress_step(50, 100, "tok")
-    state = fake_shared.state
     assert state.job_no == 50 and state.job_count == 100
     assert "<" not in state.textinfo and "\n" not in state.textinfo and "step 50/100" in state.textinfo
     a1111.progress_eta(150.0)
@@ -452,6 +453,33 @@ def test_published_checkpoints_stay_and_carry_their_previews(host_folders, monke
     assert registered[-1] == "tok.safetensors" and "tok-3.safetensors" in registered
 
 
+def test_a_stopped_runs_last_checkpoint_shows_the_runs_last_preview(host_folders, monkeypatch):
+    """A stop between previews: its checkpoint (the final embedding's vectors) gets the card preview the
+    final embedding gets, never "NO PREVIEW" next to cards that have one."""
+    from lib_ti.checkpoints import checkpoint_dir
+
+    monkeypatch.setattr(a1111, "register_file", lambda path: None)
+    monkeypatch.setattr(a1111, "checkpoint_subdir", lambda: "ti-trainer")
+    monkeypatch.setattr(a1111, "progress_image", lambda image: None)
+    cfg = runner.resolve(TrainConfig(name="tok", data_dir=str(host_folders / "data")), resume=False)
+    publisher = runner._Publisher(Job("tok-1", "tok"), cfg)
+    folder = checkpoint_dir(cfg.run_dir)
+    folder.mkdir(parents=True)
+    (cfg.run_dir / "previews").mkdir()
+    preview = cfg.run_dir / "previews" / "tok-20.png"
+    preview.write_bytes(b"png 20")
+    publisher.handle(events.Preview(20, preview, image=None))
+    ckpt = folder / "tok-23.safetensors"  # stopped at step 23
+    ckpt.write_bytes(b"embedding 23")
+    final = cfg.run_dir / "tok.safetensors"
+    final.write_bytes(b"final")
+    publisher.handle(events.Saved(23, final, is_final=True, checkpoint=ckpt))
+    publisher.publish_final()
+    copies = host_folders / "embeddings" / "ti-trainer" / "tok"
+    assert (copies / "tok-23.preview.png").read_bytes() == b"png 20"
+    assert (host_folders / "embeddings" / "tok.preview.png").read_bytes() == b"png 20"
+
+
 # ---------------------------------------------------------------------- the comparison grid
 def test_grid_prompts_name_each_checkpoint():
     from lib_ti.hosts import compare
@@ -535,9 +563,13 @@ def test_pivotal_run_publishes_its_lora_and_protects_an_existing_one(host_folder
     monkeypatch.setattr(a1111, "publish_lora", lambda path, target: published.append((path, target)) or target)
     cfg = TrainConfig(name="tok", data_dir=str(host_folders / "data"), mode="pivotal")
     publisher = runner._Publisher(Job("tok-1", "tok"), cfg)
-    monkeypatch.setattr(publisher, "_publish_checkpoint", lambda step, path: None)
+    monkeypatch.setattr(publisher, "_publish_checkpoint", lambda step, path, is_final: None)
     publisher.handle(events.Saved(4, tmp_path / "tok.safetensors", True, None, tmp_path / "tok-lora.safetensors"))
     publisher.publish_final()
+    publisher.job.finish(stopped=False)
+    outcome = publisher.job.outcome_html()  # the run panel names both files and how a prompt uses them
+    assert str(loras / "tok.safetensors") in outcome and "&lt;lora:tok:1&gt;" in outcome
+    assert publisher.job.status()["lora_path"] == str(loras / "tok.safetensors")
     assert published == [(tmp_path / "tok.safetensors", host_folders / "embeddings" / "tok.safetensors"),
                          (tmp_path / "tok-lora.safetensors", loras / "tok.safetensors")]  # <lora:tok:1> and tok
     loras.mkdir(parents=True)

@@ -587,7 +587,9 @@ def progress_begin(total_steps: int, start_step: int, name: str = "") -> None:
     from modules import shared
 
     _clock.update(job_start=shared.state.time_start or time.time())
-    shared.state.job_count, shared.state.job_no = total_steps, start_step
+    # No fraction before the run's first step: the host would show an ETA of 0 s for a resumed run (its
+    # steps done over a just-begun job); the text names the step.
+    shared.state.job_count, shared.state.job_no = 0, 0
     shared.state.sampling_step = shared.state.sampling_steps = 0
     shared.state.textinfo = progress_text(name, start_step, total_steps)
 

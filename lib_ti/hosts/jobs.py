@@ -41,6 +41,7 @@ class Job:
     error_detail: str | None = None
     result: str | None = None
     final_path: Path | None = None
+    lora_path: Path | None = None  # pivotal runs: the LoRA published in the host's Lora folder
     started_at: float = field(default_factory=time.time)
     ended_at: float | None = None
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -116,6 +117,7 @@ class Job:
             "last_preview": str(self.previews[-1][1]) if self.previews else None,
             "saved": [str(p) for _, p in self.saved], "published": [str(p) for p in self.published],
             "final_path": str(self.final_path) if self.final_path else None,
+            "lora_path": str(self.lora_path) if self.lora_path else None,
             "warnings": list(self.warnings), "notes": list(self.notes), "error": self.error,
             "error_detail": self.error_detail,
             "result": self.result, "started_at": self.started_at, "ended_at": self.ended_at,
@@ -138,6 +140,8 @@ class Job:
         if self.state == "failed":
             return f"<div class='ti-trainer-error error'>{html.escape(self.error or 'training failed')}</div>"
         where = f" Embedding: {self.final_path}" if self.final_path else ""
+        if self.lora_path is not None:  # both files are the result: the prompt needs the name and the LoRA
+            where += f" LoRA: {self.lora_path} (prompt: {self.name} <lora:{self.lora_path.stem}:1>)"
         return f"<p>{html.escape((self.result or self.state) + '.' + where)}</p>"
 
 

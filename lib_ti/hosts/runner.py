@@ -319,14 +319,16 @@ class _Publisher:
                 self.final = Path(event.path)
                 self.final_lora = Path(event.lora) if event.lora is not None else None
             if event.checkpoint is not None:  # the last step is a checkpoint like the others, final or not
-                self._publish_checkpoint(event.step, Path(event.checkpoint))
+                self._publish_checkpoint(event.step, Path(event.checkpoint), event.is_final)
 
-    def _publish_checkpoint(self, step: int, path: Path) -> None:
+    def _publish_checkpoint(self, step: int, path: Path, is_final: bool) -> None:
         copy = a1111.publish(path, checkpoint_folder(self.cfg) / path.name)
         self.job.published.append(copy)
         self.copies[step] = copy
         preview = self.job.previews[-1] if self.job.previews else None
-        if preview is not None and preview[0] == step:
+        # The last step's checkpoint holds the final embedding's vectors: it shows the final embedding's card
+        # preview (the run's last one) when a stop ended the run between previews.
+        if preview is not None and (preview[0] == step or is_final):
             self._card_preview(preview[1], copy)
 
     def _card_preview(self, image: Path, embedding: Path) -> None:
@@ -341,7 +343,8 @@ class _Publisher:
             if self.job.previews:
                 self._card_preview(self.job.previews[-1][1], target)
         if self.final_lora is not None:
-            self.job.published.append(a1111.publish_lora(self.final_lora, final_lora_target(self.cfg)))
+            self.job.lora_path = a1111.publish_lora(self.final_lora, final_lora_target(self.cfg))
+            self.job.published.append(self.job.lora_path)
 
 
 def card_preview_path(embedding: Path) -> Path:
