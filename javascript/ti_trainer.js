@@ -6,7 +6,7 @@
 // (requestProgress, as txt2img does): after a page reload the active run shows again by itself.
 // It also gives the tab the full width of the Train tab while it is the selected sub-tab.
 
-var ti_trainer = {attached: null, timer: null, last: null, ended: {}};
+var ti_trainer = {attached: null, timer: null, last: null, ended: {}, cards_stale: false};
 
 function ti_trainer_el(name) {
     return gradioApp().getElementById('ti_trainer_' + name);
@@ -74,6 +74,13 @@ function ti_trainer_refresh_cards() {
 function ti_trainer_tick() {
     var status = ti_trainer_status();
     if (ti_trainer.last && ti_trainer.last.active && ti_trainer.last.run_id === status.run_id && !status.active) {
+        ti_trainer.cards_stale = true;
+    }
+    // The cards' refresh is a queued host event (a websocket): done when the user may look at the cards (not
+    // on our tab), else at the user's next tab click; a page closed or reloaded during its handshake logs a
+    // WebSocketDisconnect traceback in the webui's console.
+    if (ti_trainer.cards_stale && !ti_trainer_visible()) {
+        ti_trainer.cards_stale = false;
         ti_trainer_refresh_cards();
     }
     ti_trainer.last = status;
