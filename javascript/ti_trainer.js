@@ -75,6 +75,11 @@ function ti_trainer_tick() {
     var status = ti_trainer_status();
     if (ti_trainer.last && ti_trainer.last.active && ti_trainer.last.run_id === status.run_id && !status.active) {
         ti_trainer.cards_stale = true;
+        // "Training x: the run panel below follows it" is over: the panel has the outcome (errors stay).
+        var message = ti_trainer_el('message');
+        if (message) message.querySelectorAll('.ti-trainer-info').forEach(function(node) {
+            node.remove();
+        });
     }
     // The cards' refresh is a queued host event (a websocket): done when the user may look at the cards (not
     // on our tab), else at the user's next tab click; a page closed or reloaded during its handshake logs a
