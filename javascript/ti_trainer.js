@@ -93,10 +93,12 @@ function ti_trainer_tick() {
     var poll = ti_trainer_el('poll');
     if (poll) poll.click();
     ti_trainer_attach(status);
-    // The poll's answer (a run found after a reload) attaches the bar now rather than at the next tick.
-    setTimeout(function() {
-        ti_trainer_attach(ti_trainer_status());
-    }, 700);
+    // The poll's answer (a run found after a reload) attaches the bar as soon as it came, not at the next tick.
+    [300, 700, 1200].forEach(function(ms) {
+        setTimeout(function() {
+            ti_trainer_attach(ti_trainer_status());
+        }, ms);
+    });
 }
 
 function ti_trainer_poll_soon() {

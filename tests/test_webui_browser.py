@@ -132,14 +132,14 @@ def test_the_tab_journey_in_a_browser(webui, page):
     base = webui.base
     open_tab(page, base)
     shot(page, "01-tab")
-    assert not page.locator("#ti_gallery_container").is_visible()  # the host's own output column is hidden
+    page.locator("#ti_gallery_container").wait_for(state="hidden", timeout=5_000)  # the host's output column
     settings, panel = page.locator("#ti_trainer_settings").bounding_box(), page.locator("#ti_trainer_panel")
     assert panel.bounding_box()["x"] > settings["x"] + settings["width"] - 1  # two columns, panel on the right
     assert panel.bounding_box()["x"] + panel.bounding_box()["width"] > 1400  # the full width of the page
     assert field(page, "width").input_value() == "64"  # the micro model's own size
     for click in ("#train_tabs > .tab-nav button:has-text('Train'):not(:has-text('Embedding'))",):
         page.locator(click).first.click()
-        assert page.locator("#ti_gallery_container").is_visible()  # the host's Train tab keeps its column
+        page.locator("#ti_gallery_container").wait_for(state="visible", timeout=5_000)  # the host's tab keeps it
     page.locator("#train_tabs > .tab-nav button", has_text="Train Embedding").click()
 
     for name, value in [("name", NAME), ("init_text", "a photo"), ("data_dir", webui.data_dir / "ti-data"),
@@ -173,7 +173,7 @@ def test_the_tab_journey_in_a_browser(webui, page):
     open_tab(page, base)
     wait_for_panel(page, rf"{NAME}[\s\S]*training")  # the run is back after the reload, with its settings
     assert "ti-data" in page.locator("#ti_trainer_run.prose details").text_content()  # the run's own settings
-    assert bar.is_visible()
+    bar.wait_for(state="visible", timeout=5_000)  # the host's bar follows the run again
     page.locator("#ti_trainer_gallery img").first.wait_for(state="visible")  # its previews
     shot(page, "03-after-reload")
     page.locator("#ti_trainer_stop").click()
