@@ -41,6 +41,8 @@ function ti_trainer_attach(status) {
     var anchor = ti_trainer_el('progressbar');
     var live = ti_trainer_el('live');
     if (!anchor || typeof requestProgress !== 'function') return;
+    // The host's settings not read yet (a page just loaded): its bar would come out hidden (show_progressbar).
+    if (typeof opts === 'undefined' || opts.show_progressbar === undefined) return;
     ti_trainer.attached = status.task_id;
     if (live) live.classList.add('ti-trainer-live-on');
     var task = status.task_id;
