@@ -12,7 +12,9 @@ from pathlib import Path
 
 from ..errors import TIError, say
 
-ENGINES = ("standalone", "webui")  # who runs the quality benchmark's loop: this process, or a running webui
+# Who runs the quality benchmark's loop: this process, a running webui with this extension, or that webui's own
+# built-in trainer (the yardstick to beat).
+ENGINES = ("standalone", "webui", "webui-builtin")
 
 
 def add_parser(sub) -> None:
@@ -103,10 +105,12 @@ def _add_quality(kinds) -> None:
                                "(shape accuracy per step, colour-follows-prompt, init-word baseline)",
                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     quality.add_argument("--engine", default="standalone", choices=ENGINES,
-                         help="who runs the loop: this process (standalone) or a running webui with this extension")
+                         help="who runs the loop: this process (standalone), a running webui with this extension "
+                              "(webui), or that webui's own Train-tab trainer at its defaults (webui-builtin; the "
+                              "webui must run on this machine)")
     quality.add_argument("--webui-url", default="http://127.0.0.1:7860",
-                         help="--engine webui: the webui (started with --api)")
-    quality.add_argument("--webui-auth", help="--engine webui: user:password if the webui uses --api-auth")
+                         help="--engine webui*: the webui (started with --api)")
+    quality.add_argument("--webui-auth", help="--engine webui*: user:password if the webui uses --api-auth")
     quality.add_argument(
         "--model", help="a micro-world model: diffusers folder or single file (default: the shipped one)"
     )
@@ -148,9 +152,16 @@ def run_quality(args: argparse.Namespace) -> int:
 def _quality_target(args: argparse.Namespace):
     from ..micro import assets
 
-    if args.engine == "webui":
+    if args.engine.startswith("webui"):
         if args.model:
             raise TIError("--model is for --engine standalone; the webui trains on the checkpoint it has loaded")
+        if args.engine == "webui-builtin":
+            if args.train_set:
+                raise TIError("--train-set sets this trainer's settings; --engine webui-builtin runs the webui's own "
+                              "trainer at its defaults: leave --train-set out")
+            from ..micro.webui_builtin import WebuiBuiltinTarget
+
+            return WebuiBuiltinTarget(args.webui_url, args.webui_auth, progress=say)
         from ..micro.webui_target import WebuiTarget
 
         return WebuiTarget(args.webui_url, args.webui_auth, progress=say)

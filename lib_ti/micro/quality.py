@@ -50,6 +50,7 @@ TOKEN_TEMPLATES = (
     "a {colour} {token} on a {background} background",
 )
 GRID_COLUMNS = 8
+TARGET = 0.8  # the comparison of trainers: the first step with shape and colour both at least this
 
 
 @dataclass(frozen=True)
@@ -221,16 +222,32 @@ def _render_rows(target, classifier, cfg: QualityConfig, progress) -> list[Row]:
 
 def _report(cfg: QualityConfig, tcfg, rows: list[Row], trained: Trained, train_s: float, total_s: float,
             target) -> dict:
-    defaults = TrainConfig().to_dict()
-    changed = {k: v for k, v in tcfg.to_dict().items() if v != defaults[k]}
+    if isinstance(tcfg, TrainConfig):
+        defaults = TrainConfig().to_dict()
+        settings = {"train_settings_not_default": {k: v for k, v in tcfg.to_dict().items() if v != defaults[k]}}
+    else:  # another trainer (the webui's built-in): its own arguments, all of them
+        settings = {"host_train_settings": tcfg}
     figures = [{"label": r.label, "step": r.step, **{k: round(v, 4) for k, v in r.figures.items()}} for r in rows]
     return {
         "bench": asdict(cfg), "engine": target.name, "model": target.model, "token": cfg.token,
-        "prompts": list(TOKEN_TEMPLATES), "train_settings_not_default": changed, "steps_done": trained.steps_done,
+        "prompts": list(TOKEN_TEMPLATES), **settings, "steps_done": trained.steps_done,
         "embedding": trained.embedding, "train_wall_s": round(train_s, 1),
         "train_s_per_step": round(train_s / max(trained.steps_done, 1), 4), "total_wall_s": round(total_s, 1),
-        "rows": figures,
+        "rows": figures, "milestones": milestones(figures),
     }
+
+
+def milestones(rows: list[dict], target: float = TARGET) -> dict:
+    """The first checkpoint with shape and colour both >= ``target`` (None: none), and the best of each, with
+    its step: the figures the comparison of trainers reads."""
+    checkpoints = [r for r in rows if r["step"]]  # not the init word (step 0) nor the plain word (None)
+    first = next((r["step"] for r in checkpoints if r["shape"] >= target and r["colour"] >= target), None)
+    out: dict = {"target": target, "first_step_shape_and_colour": first}
+    for key in ("shape", "colour"):
+        best = max(checkpoints, key=lambda r: (r[key], -r["step"]), default=None)
+        out[f"best_{key}"] = None if best is None else {"step": best["step"], key: best[key],
+                                                         "other": best["colour" if key == "shape" else "shape"]}
+    return out
 
 
 def _write_grid(cfg: QualityConfig, rows: list[Row], path: Path) -> Path:
@@ -251,12 +268,26 @@ def format_report(report: dict) -> str:
         f"cfg {bench['cfg_scale']}): "
         + " | ".join(report["prompts"]),
         f"training      {report['steps_done']} steps in {report['train_wall_s']:.1f}s "
-        f"({report['train_s_per_step']:.3f} s/step); settings other than the "
-        f"defaults: {report['train_settings_not_default']}",
+        f"({report['train_s_per_step']:.3f} s/step); " + _settings_text(report),
+        _milestones_text(report["milestones"]),
         f"engine        {report['engine']} on {report['model']}",
         f"total         {report['total_wall_s']:.1f}s; grid {report['grid']}; embedding {report['embedding']}",
     ]
     return "\n".join(lines)
+
+
+def _settings_text(report: dict) -> str:
+    if "host_train_settings" in report:
+        return f"the host's own trainer with {report['host_train_settings']}"
+    return f"settings other than the defaults: {report['train_settings_not_default']}"
+
+
+def _milestones_text(m: dict) -> str:
+    first = m["first_step_shape_and_colour"]
+    best = [f"best {k} {m[f'best_{k}'][k]:.2f} at step {m[f'best_{k}']['step']}" for k in ("shape", "colour")
+            if m[f"best_{k}"]]
+    reached = f"step {first}" if first is not None else "not within the steps scored"
+    return f"milestones    shape and colour >= {m['target']}: {reached}; " + "; ".join(best)
 
 
 def parse_train_settings(items: list[str]) -> tuple[tuple[str, object], ...]:
