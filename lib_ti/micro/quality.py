@@ -50,6 +50,7 @@ TOKEN_TEMPLATES = (
     "a {colour} {token} on a {background} background",
 )
 GRID_COLUMNS = 8
+HOST_SETTINGS_SHOWN = ("learn_rate", "batch_size", "template_filename", "latent_sampling_method", "clip_grad_mode")
 TARGET = 0.8  # the comparison of trainers: the first step with shape and colour both at least this
 
 
@@ -143,6 +144,9 @@ class StandaloneTarget:
 
     name = "standalone"
 
+    def token(self, cfg: QualityConfig) -> str:
+        return cfg.token
+
     def __init__(self, engine, model: str, *, on_event: Callable[[object], None] | None = None) -> None:
         self.engine, self.model, self.on_event = engine, model, on_event  # on_event: e.g. a console progress bar
         self.tcfg: TrainConfig | None = None  # the run's config, once trained
@@ -196,7 +200,8 @@ def run_quality(target, classifier, cfg: QualityConfig, *, progress: Callable[[s
                       "pivotal with --engine standalone")
     t0 = time.perf_counter()
     data_dir = write_concept_images(cfg, out / "images")
-    progress(f"training {cfg.token!r} from {cfg.num_images} images of a {cfg.concept}, init word {cfg.init_text!r}")
+    progress(f"training {target.token(cfg)!r} from {cfg.num_images} images of a {cfg.concept}, "
+             f"init word {cfg.init_text!r}")
     t_train = time.perf_counter()
     trained, tcfg = target.train(cfg, data_dir)
     train_s = time.perf_counter() - t_train
@@ -229,7 +234,7 @@ def _report(cfg: QualityConfig, tcfg, rows: list[Row], trained: Trained, train_s
         settings = {"host_train_settings": tcfg}
     figures = [{"label": r.label, "step": r.step, **{k: round(v, 4) for k, v in r.figures.items()}} for r in rows]
     return {
-        "bench": asdict(cfg), "engine": target.name, "model": target.model, "token": cfg.token,
+        "bench": asdict(cfg), "engine": target.name, "model": target.model, "token": target.token(cfg),
         "prompts": list(TOKEN_TEMPLATES), **settings, "steps_done": trained.steps_done,
         "embedding": trained.embedding, "train_wall_s": round(train_s, 1),
         "train_s_per_step": round(train_s / max(trained.steps_done, 1), 4), "total_wall_s": round(total_s, 1),
@@ -278,7 +283,8 @@ def format_report(report: dict) -> str:
 
 def _settings_text(report: dict) -> str:
     if "host_train_settings" in report:
-        return f"the host's own trainer with {report['host_train_settings']}"
+        shown = {k: report["host_train_settings"][k] for k in HOST_SETTINGS_SHOWN}
+        return f"the host's own trainer with {shown} (all in report.json)"
     return f"settings other than the defaults: {report['train_settings_not_default']}"
 
 

@@ -13,10 +13,13 @@ Host bugs of webui v1.10.1 this driver meets, and what it does about each (it ne
   and checks that every step file it asked for exists, and says which are missing;
 * its pickle check refuses ``.pt`` files written by a recent torch (the zip entries
   ``.format_version``/``.storage_alignment`` are not on its list), including the step-0 file its own
-  *Create embedding* just wrote, which then never registers: the driver converts that file and the
-  saved step files to ``.safetensors`` (which the host loads) in a scratch sub-folder of the
-  embeddings folder (``ti-bench-builtin/``, emptied at the start), and registers them with the
-  host's *refresh embeddings*;
+  *Create embedding* just wrote, which then never registers: the driver converts that file to a PNG
+  embedding (the host's own text-chunk format) and the saved step files to ``.safetensors``, in a
+  scratch sub-folder of the embeddings folder (``ti-bench-builtin/``, emptied at the start), and
+  registers them with the host's *refresh embeddings*;
+* an embedding loaded from ``.safetensors`` has no step (None), and the host's trainer then fails at
+  its first step (its learning-rate schedule compares None < int; the API still says "error: None"):
+  hence a PNG embedding, which carries step 0, for the one it trains;
 * it fails (missing log folder) when both the save and image intervals are 0: the driver always
   saves every ``eval_every`` steps;
 * its dataset sampler (``GroupedBatchSampler``) passes ``data_source`` to ``Sampler.__init__``, which
@@ -114,9 +117,11 @@ class WebuiBuiltinTarget(WebuiTarget):
         self._call("POST", "/sdapi/v1/refresh-embeddings")
         if name in self._loaded():
             return
+        # A PNG embedding (the host's own format, a text chunk): it carries the step, which a .safetensors file
+        # cannot, and the host's trainer fails on an embedding without one (its schedule compares None < int).
         self.progress(f"the webui did not load its own {created.name} (its pickle check refuses .pt files of a "
-                      f"recent torch): registering a .safetensors copy in {scratch}")
-        convert(created, scratch / f"{name}.safetensors")
+                      f"recent torch): registering a PNG-embedding copy in {scratch}")
+        convert(created, scratch / f"{name}.png")
         self._refresh([name])
 
     def _refresh(self, names: list[str]) -> None:
@@ -148,8 +153,8 @@ def step_files(log_dir: Path, name: str) -> dict[int, Path]:
 
 
 def convert(source: Path, target: Path) -> Path:
-    """A host ``.pt`` embedding as ``.safetensors`` named by ``target``'s stem (the host loads those whatever
-    torch wrote them)."""
+    """A host ``.pt`` embedding as ``target`` (``.safetensors`` or ``.png``, by its suffix; the host loads those
+    whatever torch wrote them), named by its stem."""
     emb = load_embedding(source, name=target.stem)
     target.parent.mkdir(parents=True, exist_ok=True)
     return save_embedding(emb, target, overwrite=True)
