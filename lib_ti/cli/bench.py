@@ -119,6 +119,9 @@ def _add_quality(kinds) -> None:
     quality.add_argument("--init-text", default=d.init_text)
     for name in ("num_images", "steps", "eval_every", "renders", "sampler_steps", "seed"):
         quality.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
+    quality.add_argument("--eval-at", type=_steps_list, default=(), metavar="STEP,STEP,...",
+                         help="score only these checkpoints (multiples of --eval-every), e.g. 25,50,100,300,1000; "
+                              "default: every --eval-every steps")
     quality.add_argument("--cfg-scale", type=float, default=d.cfg_scale)
     quality.add_argument("--threads", type=int, default=1,
                          help="torch CPU threads (1: the micro model's tensors are too small to split between cores)")
@@ -130,6 +133,13 @@ def _add_quality(kinds) -> None:
     quality.set_defaults(run=run_quality)
 
 
+def _steps_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of steps: give e.g. 25,50,100") from None
+
+
 def run_quality(args: argparse.Namespace) -> int:
     # Heavy: torch and the model libraries.
     from ..micro import assets, quality
@@ -137,7 +147,8 @@ def run_quality(args: argparse.Namespace) -> int:
 
     cfg = quality.QualityConfig(
         concept=args.concept, init_text=args.init_text, num_images=args.num_images, steps=args.steps,
-        eval_every=args.eval_every, renders=args.renders, sampler_steps=args.sampler_steps, cfg_scale=args.cfg_scale,
+        eval_every=args.eval_every, eval_at=args.eval_at, renders=args.renders, sampler_steps=args.sampler_steps,
+        cfg_scale=args.cfg_scale,
         seed=args.seed, out=args.out, train_settings=quality.parse_train_settings(args.train_set))
     quality.train_config(cfg, "", Path(cfg.out), "run")  # a bad setting fails here, before any model loads
     classifier = load_classifier(args.classifier or assets.classifier_file())

@@ -61,6 +61,9 @@ class QualityConfig:
     num_images: int = 5
     steps: int = 500
     eval_every: int = 100
+    # The checkpoints scored, when not every eval_every'th (e.g. dense early, sparse late); each a multiple of
+    # eval_every, which stays the save interval.
+    eval_at: tuple[int, ...] = ()
     renders: int = 64  # prompts per checkpoint (each colour 8 times): at 32, one render moves a figure by 0.03
     sampler_steps: int = 20  # the trainer's default preview_steps
     cfg_scale: float = 7.0  # the trainer's default preview_cfg_scale
@@ -77,6 +80,10 @@ class QualityConfig:
         for name in ("num_images", "steps", "eval_every", "renders", "sampler_steps"):
             if getattr(self, name) < 1:
                 raise TIError(f"bench quality {name}={getattr(self, name)} is invalid: use a whole number >= 1")
+        odd = [s for s in self.eval_at if s < 1 or s > self.steps or s % self.eval_every]
+        if odd:
+            raise TIError(f"bench quality --eval-at {odd[0]} is invalid: each step must lie in 1..--steps "
+                          f"({self.steps}) and be a multiple of --eval-every ({self.eval_every}), the save interval")
         fixed = bench_settings(self, "", Path(), "")
         for key, _ in self.train_settings:
             if key in fixed:
@@ -89,6 +96,8 @@ class QualityConfig:
 
     @property
     def eval_steps(self) -> list[int]:
+        if self.eval_at:
+            return sorted(set(self.eval_at))
         return sorted({*range(self.eval_every, self.steps, self.eval_every), self.steps})
 
 
