@@ -241,6 +241,17 @@ def test_milestones_name_the_first_step_meeting_both_targets_and_the_best_figure
     assert milestones(rows[:2])["first_step_shape_and_colour"] is None
 
 
+def test_eval_at_scores_the_named_checkpoints_which_must_be_saved_ones():
+    from lib_ti.errors import TIError
+    from lib_ti.micro.quality import QualityConfig
+
+    assert QualityConfig(steps=1000, eval_every=25, eval_at=(100, 25, 1000)).eval_steps == [25, 100, 1000]
+    assert QualityConfig(steps=300, eval_every=100).eval_steps == [100, 200, 300]
+    for bad in (30, 1025, 0):  # not saved (not a multiple of the interval), past the end, before the start
+        with pytest.raises(TIError, match=f"--eval-at {bad} is invalid"):
+            QualityConfig(steps=1000, eval_every=25, eval_at=(25, bad))
+
+
 def test_bench_quality_compares_trainer_settings_but_keeps_its_own(tmp_path):
     from lib_ti.errors import TIError
     from lib_ti.micro.quality import QualityConfig, parse_train_settings, train_config, write_concept_images
