@@ -179,7 +179,8 @@ def build_controls(txt2img_params: list) -> None:
     create.click(fn=a1111.wrap_gpu_call(_create_clicked, [_update()]), inputs=inputs, outputs=[task_id, message])
     compare_button.click(fn=a1111.wrap_gpu_call(_compare_clicked, [_update()]),
                          inputs=[compare_prompts, compare_checkpoints, *inputs], outputs=[grid, message])
-    score_button.click(fn=a1111.wrap_gpu_call(_score_clicked, [_update()]),
+    # On an error the host's wrapper answers its extra outputs and the message: one per output before the message.
+    score_button.click(fn=a1111.wrap_gpu_call(_score_clicked, [_update(), _update()]),
                        inputs=[runs, score_clip, *inputs], outputs=[score_grid, score_table, message])
     check.click(fn=_check_clicked, inputs=inputs, outputs=[message])
     load.click(fn=_load_clicked, inputs=[runs], outputs=[message, *[widgets[n] for n in FIELD_NAMES]], **quick)
