@@ -46,7 +46,7 @@ SCRATCH = "ti-bench-builtin"  # sub-folder of the webui's embeddings folder for 
 TRAIN_TIMEOUT_S = 6 * 3600  # the host's train call blocks until the run ends
 SAMPLER_BUG = ("the webui's built-in trainer cannot start on this torch: its dataset sampler "
                "(GroupedBatchSampler in modules/textual_inversion/dataset.py) calls Sampler.__init__(data_source), "
-               "which recent torch (2.14 here) refuses. Host fix: `super().__init__()` there (or run "
+               "which recent torch (e.g. 2.14) refuses. Host fix: `super().__init__()` there (or run "
                "the webui on the torch it pins, 2.1.2)")
 
 
