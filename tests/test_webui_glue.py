@@ -1,7 +1,8 @@
 """Unit tests of the webui glue that needs no host: job status, the tab's value mapping, request checks.
 
-The host's folders are monkeypatched here; that the integration works is the real-host tier's job
-(tests/test_webui_real.py).
+The host's folders and its model side (a ``PlainHost``) are monkeypatched here; the fake-host tier
+(tests/test_webui_fake.py) runs the adapter itself on fake ``modules``, and the real-host tier
+(tests/test_webui_real.py) proves the integration.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pytest
 from lib_ti import events
 from lib_ti.config import TrainConfig
 from lib_ti.errors import TIError
-from lib_ti.hosts import a1111, runner, webui_tab
+from lib_ti.hosts import folders, gpu_queue, host, registry, runner, settings, webui_tab
 from lib_ti.hosts.jobs import Job, loss_chart_svg
 
 
@@ -85,19 +86,48 @@ def test_every_config_field_has_a_tab_control():
     assert len(webui_tab.FIELD_NAMES) == len(set(webui_tab.FIELD_NAMES))
 
 
+class PlainHost:
+    """A ``Host`` with nothing loaded: records what is registered, renders with ``render``."""
+
+    name, reason = "plain", ""
+
+    def __init__(self) -> None:
+        self.registered: list[str] = []
+        self.render = None
+        self.model: host.LoadedModel | None = None
+
+    def register_file(self, path: Path) -> None:
+        self.registered.append(path.name)
+
+    def loaded_embeddings(self) -> dict[str, str | None]:
+        return {}
+
+    def txt2img(self, request):
+        return self.render(request)
+
+    def loaded_model(self):
+        return self.model
+
+
 @pytest.fixture()
-def host_folders(tmp_path, monkeypatch):
+def plain_host(monkeypatch) -> PlainHost:
+    fake = PlainHost()
+    monkeypatch.setattr(registry, "current_host", lambda: fake)
+    return fake
+
+
+@pytest.fixture()
+def host_folders(tmp_path, monkeypatch, plain_host):
     """A webui data folder (``tmp_path/webui``) with its embeddings and a dataset, and the output root."""
     webui = tmp_path / "webui"
     for folder in ("embeddings", "data", "textual_inversion_templates"):
         (webui / folder).mkdir(parents=True)
-    monkeypatch.setattr(a1111, "data_folder", lambda: webui)
-    monkeypatch.setattr(a1111, "templates_dir", lambda: webui / "textual_inversion_templates")
-    monkeypatch.setattr(a1111, "output_root", lambda: webui / "runs")
-    monkeypatch.setattr(a1111, "embeddings_dir", lambda: webui / "embeddings")
-    monkeypatch.setattr(a1111, "extra_read_roots", lambda: [])
-    monkeypatch.setattr(a1111, "loaded_embedding_file", lambda name: None)
-    monkeypatch.setattr(a1111, "ui_exposed", lambda: False)
+    monkeypatch.setattr(folders, "data_folder", lambda: webui)
+    monkeypatch.setattr(folders, "templates_dir", lambda: webui / "textual_inversion_templates")
+    monkeypatch.setattr(folders, "output_root", lambda: webui / "runs")
+    monkeypatch.setattr(folders, "embeddings_dir", lambda: webui / "embeddings")
+    monkeypatch.setattr(folders, "extra_read_roots", lambda: [])
+    monkeypatch.setattr(folders, "ui_exposed", lambda: False)
     return webui
 
 
@@ -152,18 +182,18 @@ def test_requests_read_only_inside_the_allowed_folders(host_folders, tmp_path, m
     (host_folders / "data" / "link").symlink_to(outside / "data")  # a link inside that leads outside
     with pytest.raises(TIError, match="config data_dir="):
         runner.resolve(base.replace(data_dir=str(host_folders / "data" / "link")), resume=False)
-    monkeypatch.setattr(a1111, "extra_read_roots", lambda: [outside])  # the owner allows the folder
+    monkeypatch.setattr(folders, "extra_read_roots", lambda: [outside])  # the owner allows the folder
     assert runner.resolve(base.replace(data_dir=str(outside / "data")), resume=False)
     # The webui user's own tab reads anywhere unless others can reach the UI: not confined there.
-    monkeypatch.setattr(a1111, "extra_read_roots", lambda: [])
+    monkeypatch.setattr(folders, "extra_read_roots", lambda: [])
     assert runner.resolve(base.replace(data_dir=str(outside / "data")), resume=False, confined=False)
 
 
 def test_folder_settings_cannot_lead_outside_the_embeddings_folder(host_folders, monkeypatch):
-    monkeypatch.setattr(a1111, "checkpoint_subdir", lambda: "../../elsewhere")
+    monkeypatch.setattr(folders, "checkpoint_subdir", lambda: "../../elsewhere")
     with pytest.raises(TIError, match="checkpoint_subdir="):
         runner.checkpoint_folder(TrainConfig(name="tok"))
-    assert set(a1111.PATH_SETTINGS) == {"output_dir", "checkpoint_subdir", "allowed_roots"}  # never set over the API
+    assert set(settings.PATH_SETTINGS) == {"output_dir", "checkpoint_subdir", "allowed_roots"}  # never set over the API
 
 
 def test_a_user_error_carries_no_traceback_to_the_api():
@@ -212,7 +242,7 @@ def test_a_resume_request_continues_the_runs_own_config(host_folders):
 # ---------------------------------------------------------------------- the host's progress and stop flags
 @pytest.fixture()
 def fake_shared(monkeypatch):
-    """``modules.shared`` with the job-state fields a1111 reads and writes (no webui installed in CI)."""
+    """``modules.shared`` with the job-state fields gpu_queue reads and writes (no webui installed in CI)."""
     import sys
     import types
 
@@ -224,7 +254,7 @@ def fake_shared(monkeypatch):
     modules.shared = shared  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "modules", modules)
     monkeypatch.setitem(sys.modules, "modules.shared", shared)
-    monkeypatch.setattr(a1111, "_clock", {})
+    monkeypatch.setattr(gpu_queue, "_clock", {})
     return shared
 
 
@@ -240,37 +270,37 @@ def test_the_host_bar_shows_plain_text_and_this_sessions_eta(fake_shared, monkey
 
     clock = [5000.0]
     monkeypatch.setattr(time, "time", lambda: clock[0])
-    a1111.progress_begin(100, 40, "tok")  # a resumed run: 40 steps were done before, data loading took long
+    gpu_queue.progress_begin(100, 40, "tok")  # a resumed run: 40 steps were done before, data loading took long
     clock[0] += 30.0  # 30 s for 10 steps of this session: the 50 steps left take 150 s
-    a1111.progress_step(50, 100, "tok")
+    gpu_queue.progress_step(50, 100, "tok")
     state = fake_shared.state
     assert state.job_no == 50 and state.job_count == 100
     assert "<" not in state.textinfo and "\n" not in state.textinfo and "step 50/100" in state.textinfo
     assert _host_eta(state, clock[0]) == pytest.approx(150.0)
     clock[0] += 90.0  # 20 more steps in 90 s: slower now, (30 + 90) s / 30 steps x 30 left
-    a1111.progress_step(70, 100, "tok")
+    gpu_queue.progress_step(70, 100, "tok")
     assert _host_eta(state, clock[0]) == pytest.approx(120.0)
-    a1111.progress_end()
+    gpu_queue.progress_end()
     assert state.time_start == 1000.0  # the host logs the job's real duration
 
 
 def test_eta_is_left_to_the_host_before_the_first_step_and_at_the_end():
-    assert a1111.host_time_start(10.0, 0.0, 5, 5, 100) is None
-    assert a1111.host_time_start(10.0, 0.0, 0, 100, 100) is None
-    assert a1111.host_time_start(10.0, 0.0, 0, 10, 100) == pytest.approx(0.0)  # a fresh run: the host's own ETA
+    assert gpu_queue.host_time_start(10.0, 0.0, 5, 5, 100) is None
+    assert gpu_queue.host_time_start(10.0, 0.0, 0, 100, 100) is None
+    assert gpu_queue.host_time_start(10.0, 0.0, 0, 10, 100) == pytest.approx(0.0)  # a fresh run: the host's own ETA
 
 
-@pytest.mark.parametrize("flag", a1111.STOP_FLAGS)
+@pytest.mark.parametrize("flag", gpu_queue.STOP_FLAGS)
 def test_interrupt_skip_and_stop_after_image_each_stop_a_run(fake_shared, flag):
-    assert not a1111.host_interrupted()
+    assert not gpu_queue.host_interrupted()
     setattr(fake_shared.state, flag, True)
-    assert a1111.host_interrupted()
+    assert gpu_queue.host_interrupted()
 
 
 def test_a_preview_render_keeps_the_training_job_and_the_stop_requests(fake_shared):
     state = fake_shared.state
     state.job_count, state.job_no, state.textinfo, state.skipped = 100, 42, "Training tok: step 42/100", True
-    with a1111._job_state_kept(state), a1111._quiet_total_progress(fake_shared):
+    with gpu_queue.job_state_kept(state), gpu_queue.quiet_total_progress(fake_shared):
         # what the host's txt2img does: one image of 20 steps, Skip cleared at the image's start
         state.job_count, state.job_no, state.sampling_steps, state.skipped = 1, 1, 20, False
         fake_shared.total_tqdm.update()
@@ -326,7 +356,7 @@ def test_runner_start_holds_the_gpu_lock_under_the_runs_task_id(monkeypatch):
         yield
         seen.append(("unlock", task_id))
 
-    monkeypatch.setattr(a1111, "gpu_job", gpu_job)
+    monkeypatch.setattr(gpu_queue, "gpu_job", gpu_job)
     monkeypatch.setattr(runner, "run", lambda job, cfg, resume: seen.append(("run", job.name, resume)))
     job = Job("tok-1", "tok", task_id="task(xyz)")
     runner.start(job, TrainConfig(name="tok"), resume=True).join(5)
@@ -403,10 +433,10 @@ def test_load_run_fills_the_form_with_the_saved_config(host_folders, no_jobs):
 @pytest.mark.parametrize(("family", "parameterization", "latent", "levels", "side"), [
     ("sd1", "eps", 64, 4, 512), ("sd2", "v", 96, 4, 768), ("sd2", "eps", 64, 4, 512), ("sdxl", "eps", 0, 4, 1024),
     ("sd1", "eps", 8, 4, 64)])  # the last: the micro model (8 latents, a 4-level VAE)
-def test_default_size_fits_the_loaded_model(family, parameterization, latent, levels, side, monkeypatch):
-    assert a1111.training_size(family, parameterization, latent, levels) == side
-    monkeypatch.setattr(a1111, "config_defaults", lambda: {})
-    monkeypatch.setattr(a1111, "loaded_model_size", lambda: side)
+def test_default_size_fits_the_loaded_model(family, parameterization, latent, levels, side, monkeypatch, plain_host):
+    assert host.training_size(family, parameterization, latent, levels) == side
+    monkeypatch.setattr(settings, "config_defaults", lambda: {})
+    plain_host.model = host.LoadedModel(family, side)
     assert (webui_tab.form_defaults()["width"], webui_tab.form_defaults()["height"]) == (side, side)
 
 
@@ -414,13 +444,12 @@ def test_default_size_fits_the_loaded_model(family, parameterization, latent, le
 def test_published_checkpoints_stay_and_carry_their_previews(host_folders, monkeypatch):
     from lib_ti.checkpoints import checkpoint_dir
 
-    registered = []
-    monkeypatch.setattr(a1111, "register_file", lambda path: registered.append(path.name))
-    monkeypatch.setattr(a1111, "checkpoint_subdir", lambda: "ti-trainer")
-    monkeypatch.setattr(a1111, "progress_image", lambda image: None)
+    registered = registry.current_host().registered
+    monkeypatch.setattr(folders, "checkpoint_subdir", lambda: "ti-trainer")
+    monkeypatch.setattr(gpu_queue, "progress_image", lambda image: None)
     cfg = runner.resolve(TrainConfig(name="tok", data_dir=str(host_folders / "data"), keep_last=1), resume=False)
     job = Job("tok-1", "tok")
-    publisher = runner._Publisher(job, cfg)
+    publisher = runner._Publisher(job, cfg, registry.current_host())
     folder = checkpoint_dir(cfg.run_dir)
     folder.mkdir(parents=True)
     (cfg.run_dir / "previews").mkdir()
@@ -465,7 +494,7 @@ def test_grid_renders_prompts_by_checkpoints_with_the_runs_preview_parameters(ho
 
     from lib_ti.hosts import compare
 
-    monkeypatch.setattr(a1111, "checkpoint_subdir", lambda: "ti-trainer")
+    monkeypatch.setattr(folders, "checkpoint_subdir", lambda: "ti-trainer")
     copies = host_folders / "embeddings" / "ti-trainer" / "tok"
     copies.mkdir(parents=True)
     for step in (100, 20):
@@ -484,7 +513,7 @@ def test_grid_renders_prompts_by_checkpoints_with_the_runs_preview_parameters(ho
         name = next(n for n in sorted(shades, key=len, reverse=True) if n in request.prompt)
         return Image.new("RGB", (request.width, request.height), (shades[name], 0, 0))
 
-    monkeypatch.setattr(a1111, "txt2img", txt2img)
+    registry.current_host().render = txt2img
     path = compare.render_grid(cfg, "a [name] toy\na tok photo", "tok-20, tok")
     assert [r.prompt for r in requests] == ["a tok-20 toy", "a tok toy", "a tok-20 photo", "a tok photo"]
     assert {(r.steps, r.seed, r.sampler_name, r.width) for r in requests} == {(7, 3, "DDIM", 64)}
@@ -529,7 +558,7 @@ def test_score_button_scores_the_chosen_run_and_says_how_to_get_a_clip(host_fold
         (run / "checkpoints").mkdir(parents=True)
         TrainConfig(name=name, data_dir=str(host_folders / "data")).save(run / "config.yaml")
         (run / "checkpoints" / f"{name}-100.safetensors").write_bytes(b"x")
-    monkeypatch.setattr(a1111, "current_engine", lambda: pytest.fail("the model was touched before CLIP was found"))
+    monkeypatch.setattr(registry, "current_host", lambda: pytest.fail("the host was touched before CLIP was found"))
     grid, table, message = webui_tab._score_clicked(None, str(host_folders / "no-clip"), *_form_args(name="tok"))
     assert "ti-trainer-error" in message and "no CLIP model" in message and "hf download" in message
     assert "CLIP model (Score checkpoints" in message and "--clip" not in message  # the tab's box, not the CLI flag
@@ -555,12 +584,12 @@ def test_score_button_scores_the_chosen_run_and_says_how_to_get_a_clip(host_fold
 
 def test_pivotal_run_publishes_its_lora_and_protects_an_existing_one(host_folders, monkeypatch, tmp_path):
     loras = host_folders / "models" / "Lora"
-    monkeypatch.setattr(a1111, "lora_dir", lambda: loras)
+    monkeypatch.setattr(folders, "lora_dir", lambda: loras)
     published: list[tuple[Path, Path]] = []
-    monkeypatch.setattr(a1111, "publish", lambda path, target: published.append((path, target)) or target)
-    monkeypatch.setattr(a1111, "publish_lora", lambda path, target: published.append((path, target)) or target)
+    monkeypatch.setattr(folders, "publish", lambda host, path, target: published.append((path, target)) or target)
+    monkeypatch.setattr(folders, "publish_lora", lambda path, target: published.append((path, target)) or target)
     cfg = TrainConfig(name="tok", data_dir=str(host_folders / "data"), mode="pivotal")
-    publisher = runner._Publisher(Job("tok-1", "tok"), cfg)
+    publisher = runner._Publisher(Job("tok-1", "tok"), cfg, registry.current_host())
     monkeypatch.setattr(publisher, "_publish_checkpoint", lambda step, path: None)
     publisher.handle(events.Saved(4, tmp_path / "tok.safetensors", True, None, tmp_path / "tok-lora.safetensors"))
     publisher.publish_final()

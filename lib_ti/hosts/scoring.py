@@ -13,7 +13,7 @@ from pathlib import Path
 from ..errors import TIError
 from ..scoring.defaults import DEFAULT_CLIP, EDIT_PROMPTS
 from ..scoring.score import ScoreOptions, ScoreReport, list_checkpoints, run_config, score_run
-from . import a1111, runner
+from . import registry, runner
 
 TAB_CLIP_USE = "type that folder's path in CLIP model (Score checkpoints, in the Train Embedding tab)"
 
@@ -32,10 +32,10 @@ def score_run_folder(run_dir: str | Path, *, clip: str = DEFAULT_CLIP, seeds: in
     from ..scoring.clip import load_clip, locate_clip  # heavy: transformers
 
     locate_clip(clip, use=clip_use)  # no CLIP model: how to get one, before the host's model is touched
-
-    engine = a1111.current_engine()
+    host = registry.current_host()
+    engine = host.engine()
     model = load_clip(clip, device=engine.device)
-    with a1111.host_session(engine, name):
+    with host.session(engine, name):
         return score_run(engine, model, opts, progress=progress)
 
 
