@@ -583,6 +583,39 @@ def test_scoring_in_the_webui_waits_for_training_and_tables_the_scores(tmp_path,
     assert "Recommended: step 200, `a/tok-200.safetensors`" in table
 
 
+def test_score_button_scores_the_chosen_run_and_says_how_to_get_a_clip(host_folders, no_jobs, monkeypatch):
+    from lib_ti.hosts import scoring
+    from lib_ti.scoring.score import CheckpointScore, ScoreReport
+
+    for name in ("tok", "other"):  # two runs on disk: the form names one, Saved run the other
+        run = host_folders / "runs" / name
+        (run / "checkpoints").mkdir(parents=True)
+        TrainConfig(name=name, data_dir=str(host_folders / "data")).save(run / "config.yaml")
+        (run / "checkpoints" / f"{name}-100.safetensors").write_bytes(b"x")
+    monkeypatch.setattr(registry, "current_host", lambda: pytest.fail("the host was touched before CLIP was found"))
+    grid, table, message = webui_tab._score_clicked(None, str(host_folders / "no-clip"), *_form_args(name="tok"))
+    assert "ti-trainer-error" in message and "no CLIP model" in message and "hf download" in message
+    assert "CLIP model (Score checkpoints" in message and "--clip" not in message  # the tab's box, not the CLI flag
+    scored = []
+
+    def score_run_folder(folder, *, clip):
+        scored.append((Path(folder), clip))
+        rows = [CheckpointScore(100, "c/tok-100.safetensors", 0.6, 0.3, 1.0),
+                CheckpointScore(200, "c/tok-200.safetensors", 0.7, 0.25, 1.2)]
+        return ScoreReport(str(folder), "tok", clip, "a tok", ["a [name]"], 2, 5, rows, 200, grid="g/grid.png")
+
+    monkeypatch.setattr(scoring, "score_run_folder", score_run_folder)
+    grid, table, message = webui_tab._score_clicked("other", " ", *_form_args(name="tok"))
+    assert scored == [(host_folders / "runs" / "other", scoring.DEFAULT_CLIP)]  # Saved run wins; empty box: default
+    assert grid == "g/grid.png" and "**200** (recommended)" in table and "step 200 recommended" in message
+    webui_tab._score_clicked("", "my/clip", *_form_args(name="tok"))
+    assert scored[-1] == (host_folders / "runs" / "tok", "my/clip")  # no Saved run: the form's run
+    active = runner.new_job(TrainConfig(name="busy"))
+    active.state = "running"
+    _, _, message = webui_tab._score_clicked("", "my/clip", *_form_args(name="tok"))
+    assert "already active" in message and len(scored) == 2  # refused at once, nothing scored
+
+
 def test_pivotal_run_publishes_its_lora_and_protects_an_existing_one(host_folders, monkeypatch, tmp_path):
     loras = host_folders / "models" / "Lora"
     monkeypatch.setattr(folders, "lora_dir", lambda: loras)

@@ -431,6 +431,23 @@ def test_bench_quality_runs_its_loop_through_the_webui(webui, tmp_path):
     assert Path(report["embedding"]) == webui.data_dir / "embeddings" / f"my-{concept}.safetensors"
 
 
+def test_bench_quality_drives_the_webuis_own_trainer_or_names_the_host_fix_it_needs(webui, tmp_path):
+    """The host's own trainer through its API: its pickle check and 200-on-failure are handled; on a torch
+    whose Sampler refuses data_source (webui v1.10.1 with torch >= 2.14) it cannot start, and says so."""
+    webui.use_model("sd1", "micro-sd.safetensors")
+    proc = subprocess.run(
+        [sys.executable, "-m", "lib_ti", "bench", "quality", "--engine", "webui-builtin", "--webui-url", webui.base,
+         "--webui-auth", f"{USER}:{PASSWORD}", "--steps", "4", "--eval-every", "2", "--renders", "2",
+         "--out", str(webui.allowed / "bq-builtin"), "--json", str(tmp_path / "r.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    if proc.returncode:
+        assert "GroupedBatchSampler" in proc.stderr and "super().__init__()" in proc.stderr, proc.stderr + webui.tail()
+        return
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["engine"] == "webui-builtin" and [r["label"] for r in report["rows"]][1:3] == ["step 2", "step 4"]
+    assert report["host_train_settings"]["learn_rate"] == "0.005"
+
+
 def _render(webui: Webui, prompt: str) -> tuple[dict, str]:
     code, out = webui.call("POST", "/sdapi/v1/txt2img", {"prompt": prompt, "steps": 2, "width": 64, "height": 64,
                                                          "sampler_name": "Euler", "seed": 1})

@@ -40,11 +40,11 @@ class WebuiTarget:
         self.model = self._loaded_checkpoint()
 
     # ------------------------------------------------------------------ HTTP
-    def _call(self, method: str, path: str, body: dict | None = None) -> dict:
+    def _call(self, method: str, path: str, body: dict | None = None, *, timeout: float = 600) -> dict:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(self.url + path, data=data, method=method, headers=self.headers)
         try:
-            with urllib.request.urlopen(request, timeout=600) as response:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
                 return json.loads(response.read() or b"{}")
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace")[:500]
@@ -64,6 +64,10 @@ class WebuiTarget:
         return loaded
 
     # ------------------------------------------------------------------ the target
+    def token(self, cfg) -> str:
+        """The embedding's name in the webui (its checkpoints are ``<token>-<step>``)."""
+        return cfg.token
+
     def train(self, cfg, data_dir: Path):
         # A relative output folder: the webui keeps runs under its own output root, and refuses others.
         tcfg = train_config(cfg, "", data_dir.resolve(), f"bench-quality-{cfg.concept}")
@@ -85,7 +89,7 @@ class WebuiTarget:
     def render(self, cfg, cases: list[Case], step: int | None) -> list:
         """Through the host's txt2img: step 0 names the init word, a step names its published checkpoint
         (``<token>-<step>``), None means the cases already name the shape."""
-        checkpoint = f"{cfg.token}-{step}" if step else None
+        checkpoint = f"{self.token(cfg)}-{step}" if step else None
         word = cfg.init_text if step == 0 else checkpoint
         images = []
         for case in cases:
