@@ -51,6 +51,7 @@ from .engine import (
 )
 from .errors import TIError, WriteError
 from .fileio import atomic_path
+from .halves import held_in_bf16
 from .formats.embeddings import load_embedding, save_embedding
 from .formats.lora import kohya_metadata, save_lora
 from .latents import LatentCache
@@ -77,11 +78,12 @@ def train(engine: Engine, cfg: TrainConfig, *, data: TrainingData | None = None,
     """
     emit = on_event or (lambda _event: None)
     t_start = time.perf_counter()
+    precision = autocast_dtype(cfg.precision, engine.device)  # a dtype the device cannot do is refused first
     check_run(cfg, resume=resume)
     data = data or prepare_data(cfg)
     with RunLock(cfg.run_dir):
         sweep(cfg.run_dir, cfg.name)
-        with engine.frozen():
+        with engine.frozen(), held_weights(engine, precision):
             engine.set_gradient_checkpointing(cfg.gradient_checkpointing)
             run = _Run.resume(engine, cfg, data, emit) if resume else _Run.start(engine, cfg, data, emit)
             emit(events.Started(run.step, run.total, data.num_images, len(data.samples), [*data.notes, *run.notes],
@@ -93,6 +95,18 @@ def train(engine: Engine, cfg: TrainConfig, *, data: TrainingData | None = None,
                            run.skipped, run.final_lora)
     emit(result)
     return result
+
+
+@contextlib.contextmanager
+def held_weights(engine: Engine, precision: torch.dtype) -> Iterator[None]:
+    """A bf16 run holds the step's frozen weights in bfloat16 (the matmul and conv layers; weights loaded
+    as bf16 stay as they are), so that autocast has nothing to re-cast each step; they are restored bit for
+    bit afterwards, which matters in the webui, whose model the run borrows."""
+    if precision != torch.bfloat16:
+        yield
+        return
+    with held_in_bf16(engine.step_modules()):
+        yield
 
 
 @dataclass
@@ -371,7 +385,9 @@ class _Run:
     def preview(self) -> None:
         request = preview_request(self.cfg, self.data)
         try:
-            with torch.no_grad():
+            # Under the run's autocast when the weights are bf16: the host renders with its own dtype otherwise.
+            with torch.no_grad(), torch.autocast(self.engine.device.type, dtype=torch.bfloat16,
+                                                 enabled=self.precision == torch.bfloat16):
                 image = self.engine.render_preview(request, self.cfg.name, self.vectors)
         except Exception as exc:  # a broken preview must not cost the user the training run
             self.emit(events.Warning(self.step, f"preview at step {self.step} failed: {type(exc).__name__}: {exc}"))

@@ -44,7 +44,7 @@ def _add_speed(kinds) -> None:
     speed.add_argument("--gradient-checkpointing", action="store_true")
     speed.add_argument("--device", default=d.device)
     speed.add_argument("--weights", default=d.weights, choices=["auto", "fp32", "fp16", "bf16"],
-                       help="the frozen weights' dtype (auto: fp16 on a GPU, fp32 on the CPU)")
+                       help="the dtype the frozen weights load in (auto: the precision's)")
     speed.add_argument("--compile", default=d.compile, choices=COMPILE_MODES[1:],
                        help="torch.compile the UNet with this mode (default: eager)")
     speed.add_argument("--reproduce", default=d.reproduce, choices=REPRODUCTIONS[1:],
