@@ -16,6 +16,7 @@ cannot be restored from a bfloat16 copy: their original tensors are kept (their 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -89,3 +90,15 @@ def held_in_bf16(modules: Iterable[torch.nn.Module]) -> Iterator[int]:
     finally:
         for p, kept, low in reversed(undo):
             p.data = kept if low is None else join_float32(kept, low)
+
+
+def weights_digest(modules: Iterable[torch.nn.Module]) -> str:
+    """A hash of every parameter and buffer of ``modules`` (name, dtype, shape and bits): equal digests
+    before and after a run mean the run left the weights bit-identical. About a second per GB on a CPU."""
+    digest = hashlib.blake2b(digest_size=16)
+    for index, module in enumerate(modules):
+        for name, tensor in module.state_dict(keep_vars=True).items():
+            t = tensor.detach()
+            digest.update(f"{index}.{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            digest.update(t.reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return digest.hexdigest()

@@ -51,9 +51,9 @@ from .engine import (
 )
 from .errors import TIError, WriteError
 from .fileio import atomic_path
-from .halves import held_in_bf16
 from .formats.embeddings import load_embedding, save_embedding
 from .formats.lora import kohya_metadata, save_lora
+from .halves import held_in_bf16
 from .latents import LatentCache
 from .lora import Adapters
 from .losslog import LossLog

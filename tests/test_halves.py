@@ -8,7 +8,7 @@ import torch
 from lib_ti import devices, halves
 from lib_ti.config import TrainConfig
 from lib_ti.errors import TIError
-from lib_ti.halves import held_in_bf16, join_float32, split_float32
+from lib_ti.halves import held_in_bf16, join_float32, split_float32, weights_digest
 from lib_ti.trainer import train
 
 needs_bf16 = pytest.mark.skipif(not devices.cpu_has_bf16(), reason="this CPU has no bfloat16 instructions")
@@ -107,3 +107,14 @@ def test_bf16_is_refused_before_any_work_where_the_cpu_lacks_it(engines, images,
     with pytest.raises(TIError, match="precision bf16: this CPU has no bfloat16 instructions.*use precision fp32"):
         train(engines("sd1"), cfg)
     assert not (tmp_path / "run").exists()  # refused before the run folder or the latents were made
+
+
+def test_the_weights_digest_sees_a_single_bit_and_not_a_held_run():
+    net = Net()
+    before = weights_digest([net])
+    with held_in_bf16([net]):
+        assert weights_digest([net]) != before  # the held weights are other tensors
+    assert weights_digest([net]) == before
+    with torch.no_grad():
+        net.norm.weight.view(torch.int32)[3] ^= 1  # the lowest mantissa bit of one value
+    assert weights_digest([net]) != before

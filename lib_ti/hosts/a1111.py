@@ -31,6 +31,7 @@ from ..errors import TIError
 from ..families import FAMILIES
 from ..fileio import atomic_path, load_torch
 from ..formats.lora import UNET, kohya_name, matches, text_kohya_name
+from ..halves import weights_digest
 from ..options import field_label, field_ui_help
 from ..splice import spread_init_vectors
 
@@ -729,12 +730,15 @@ def api_enabled() -> bool:
 
 
 # ---------------------------------------------------------------------- self-check
-def self_check(init_text: str = "a photo", prompt: str = "a {} on a table", size: tuple[int, int] = (512, 512)) -> dict:
+def self_check(init_text: str = "a photo", prompt: str = "a {} on a table", size: tuple[int, int] = (512, 512),
+               weights: bool = False) -> dict:
     """Verify the adapter in the running host, on the loaded checkpoint (used by tests and support):
 
     * with the vectors equal to the init text's token embeddings, our conditioning for a prompt
       with the token equals the host's own generation conditioning for the prompt with the init text;
-    * a loss on that conditioning sends a gradient to the vectors of every text encoder.
+    * a loss on that conditioning sends a gradient to the vectors of every text encoder;
+    * with ``weights``, a digest of every weight of the loaded checkpoint: the same before and after a run
+      shows that the run left the host's model bit-identical (bf16 runs convert it for their duration).
     """
     from modules import shared
 
@@ -751,7 +755,8 @@ def self_check(init_text: str = "a photo", prompt: str = "a {} on a table", size
     grads = {k: float(v.grad.norm()) if v.grad is not None else 0.0 for k, v in vectors.items()}
     ok = all(d < 1e-4 for d in diffs.values()) and all(g > 0 for g in grads.values())
     return {"ok": ok, "family": engine.family, "checkpoint": getattr(shared.sd_model.sd_checkpoint_info, "name", ""),
-            "widths": engine.encoder_widths, "vectors": tokens, "max_abs_diff": diffs, "grad_norm": grads}
+            "widths": engine.encoder_widths, "vectors": tokens, "max_abs_diff": diffs, "grad_norm": grads,
+            **({"weights_digest": weights_digest([engine.model])} if weights else {})}
 
 
 def _host_conditioning(engine: WebuiEngine, prompt: str, size: tuple[int, int]):
