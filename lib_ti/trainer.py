@@ -83,10 +83,11 @@ def train(engine: Engine, cfg: TrainConfig, *, data: TrainingData | None = None,
     data = data or prepare_data(cfg)
     with RunLock(cfg.run_dir):
         sweep(cfg.run_dir, cfg.name)
-        with engine.frozen(), held_weights(engine, precision):
+        with engine.frozen(), held_weights(engine, precision) as held:
             engine.set_gradient_checkpointing(cfg.gradient_checkpointing)
             run = _Run.resume(engine, cfg, data, emit) if resume else _Run.start(engine, cfg, data, emit)
-            emit(events.Started(run.step, run.total, data.num_images, len(data.samples), [*data.notes, *run.notes],
+            notes = [*data.notes, *run.notes, *compute_notes(engine, held)]
+            emit(events.Started(run.step, run.total, data.num_images, len(data.samples), notes,
                                 time.perf_counter() - t_start))
             with run.adapters_attached():
                 reason = run.loop_keeping_progress(should_stop)
@@ -98,15 +99,25 @@ def train(engine: Engine, cfg: TrainConfig, *, data: TrainingData | None = None,
 
 
 @contextlib.contextmanager
-def held_weights(engine: Engine, precision: torch.dtype) -> Iterator[None]:
+def held_weights(engine: Engine, precision: torch.dtype) -> Iterator[int]:
     """A bf16 run holds the step's frozen weights in bfloat16 (the matmul and conv layers; weights loaded
     as bf16 stay as they are), so that autocast has nothing to re-cast each step; they are restored bit for
-    bit afterwards, which matters in the webui, whose model the run borrows."""
+    bit afterwards, which matters in the webui, whose model the run borrows. Yields how many it converted."""
     if precision != torch.bfloat16:
-        yield
+        yield 0
         return
-    with held_in_bf16(engine.step_modules()):
-        yield
+    with held_in_bf16(engine.step_modules()) as count:
+        yield count
+
+
+def compute_notes(engine: Engine, held: int) -> list[str]:
+    """What the run computes with, for the run panel: the CPU threads (the speed depends on them), the weights
+    a bf16 run converted."""
+    notes = [f"computing on the CPU with {torch.get_num_threads()} threads"] if engine.device.type == "cpu" else []
+    if held:
+        notes.append(f"precision bf16: {held} weight tensors held in bfloat16 for the run (restored bit for bit "
+                     "after)")
+    return notes
 
 
 @dataclass
