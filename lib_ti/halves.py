@@ -88,8 +88,8 @@ def held_in_bf16(modules: Iterable[torch.nn.Module]) -> Iterator[int]:
                 undo.append((p, original, None))
         yield len(undo)
     finally:
-        for p, kept, low in reversed(undo):
-            p.data = kept if low is None else join_float32(kept, low)
+        for param, kept, remainder in reversed(undo):
+            param.data = join_float32(kept, remainder) if remainder is not None else kept
 
 
 def weights_digest(modules: Iterable[torch.nn.Module]) -> str:
