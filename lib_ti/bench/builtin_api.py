@@ -6,6 +6,11 @@ and the host is never patched; its known failures are recognised and reported as
 * it fails when both the save and the image intervals are 0 (``train_body`` saves once, after the end);
 * its dataset sampler (``GroupedBatchSampler``) passes ``data_source`` to ``Sampler.__init__``, which
   recent torch refuses: training cannot start (``SAMPLER_BUG`` names the host fix).
+* its pickle check refuses the ``.pt`` files a recent torch writes, its own *Create embedding*'s too, which
+  then never registers (``bench.webui_speed.register_created`` registers a legacy-format copy); a
+  ``.safetensors`` copy is no way round, since the host reads no step from those and its trainer fails
+  on step None (``learn_schedule``: '<' not supported between 'NoneType' and 'int');
+* a failure inside its loop is only in its console ("Error training embedding"), not in the answer.
 """
 
 from __future__ import annotations

@@ -25,7 +25,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from ..errors import TIError
-from ..formats.embeddings import load_embedding, save_embedding
 from . import builtin_api
 from .builtin_api import WebuiClient
 
@@ -102,6 +101,7 @@ def time_ours(client: WebuiClient, s: WebuiSpeedSettings, name: str, template: s
         return int(status.get("step") or 0), status["state"] not in ("queued", "running", "stopping")
 
     figures = _timed(start, poll, s, pid)
+    figures["notes"] = [n for n in state.get("notes") or [] if n.startswith(("computing", "precision"))]
     if state.get("state") != "finished":
         figures["error"] = f"our run ended {state.get('state')}: {state.get('error')}"
     return figures
@@ -146,19 +146,23 @@ def time_builtin(client: WebuiClient, s: WebuiSpeedSettings, name: str, template
 
 
 def register_created(client: WebuiClient, name: str, s: WebuiSpeedSettings, embeddings_dir: Path) -> None:
-    """The built-in's *Create embedding*, then the file registered. Its pickle check refuses ``.pt`` files that
-    a recent torch wrote (its own included), so where it did not load it, a ``.safetensors`` copy in
-    ``<embeddings>/ti-bench-speed/`` is (the host loads those whatever wrote them)."""
+    """The built-in's *Create embedding*, then the file registered. Its pickle check refuses the zip entries a
+    recent torch writes into ``.pt`` files (its own included), so where it did not load it, a copy in torch's
+    legacy (non-zip) format, which the check reads, goes into ``<embeddings>/ti-bench-speed/``. Not a
+    ``.safetensors`` copy: the host reads no step from those, and its trainer then fails on step None."""
+    import torch
+
     created = Path(builtin_api.create_embedding(client, name, s.vectors, s.init_text))
     client.call("POST", "/sdapi/v1/refresh-embeddings")
     if name in _loaded(client):
         return
     scratch = embeddings_dir / SCRATCH
     scratch.mkdir(parents=True, exist_ok=True)
-    save_embedding(load_embedding(created, name=name), scratch / f"{name}.safetensors", overwrite=True)
+    data = torch.load(created, map_location="cpu", weights_only=True)  # the host's own file: tensors, str, int
+    torch.save(data, scratch / f"{name}.pt", _use_new_zipfile_serialization=False)
     client.call("POST", "/sdapi/v1/refresh-embeddings")
     if name not in _loaded(client):
-        raise TIError(f"the webui did not register the built-in's new embedding {name!r} (nor a .safetensors copy "
+        raise TIError(f"the webui did not register the built-in's new embedding {name!r} (nor a legacy-format copy "
                       f"in {scratch}): is {embeddings_dir} the embeddings folder it loads?")
 
 
@@ -267,6 +271,7 @@ def format_report(report: dict) -> str:
         note = f" ({r['error']})" if "error" in r else ""
         lines.append(f"| {r['pair']} | {r['trainer']} | {r.get('s_per_step', float('nan')):.2f}{note} | "
                      f"{r.get('time_to_first_step_s', float('nan')):.1f} s | {mem} |")
+    lines += sorted({f"ours: {n}" for r in report["runs"] for n in r.get("notes", [])})
     ratio = report["ratios"]
     if ratio:
         lines.append(f"built-in s/step / ours: median {ratio['median']:.2f} [min {ratio['min']:.2f}, max "
