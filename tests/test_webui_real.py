@@ -270,7 +270,7 @@ def test_train_through_the_api_then_use_every_checkpoint_in_txt2img(webui, datas
         assert f"{prompt_name}: " in hashes, info
 
 
-def _render(webui) -> bytes:
+def _cat_image(webui) -> bytes:
     code, out = webui.call("POST", "/sdapi/v1/txt2img", {"prompt": "a photo of a cat", "steps": 2, "width": 64,
                                                          "height": 64, "sampler_name": "Euler", "seed": 7})
     assert code == 200, out
@@ -282,7 +282,7 @@ def test_a_bf16_run_leaves_every_host_weight_bit_identical(webui, dataset):
     webui.use_model("sd1")
     code, before = webui.call("POST", "/ti-trainer/v1/selfcheck?weights=true")
     assert code == 200 and len(before["weights_digest"]) == 32, before
-    image = _render(webui)
+    image = _cat_image(webui)
     code, started = webui.call("POST", "/ti-trainer/v1/train", run_config(dataset, "bf16tok", precision="bf16"))
     assert code == 202, started
     status = webui.wait_for_run(started["run_id"])
@@ -290,7 +290,7 @@ def test_a_bf16_run_leaves_every_host_weight_bit_identical(webui, dataset):
     assert status["last_preview"] and Path(status["last_preview"]).is_file()  # previews render on bf16 weights
     code, after = webui.call("POST", "/ti-trainer/v1/selfcheck?weights=true")
     assert after["weights_digest"] == before["weights_digest"]  # every parameter and buffer, bit for bit
-    assert _render(webui) == image
+    assert _cat_image(webui) == image
 
 
 def test_bench_speed_pairs_ours_with_the_builtin_and_reports_its_failures(webui, dataset):
@@ -298,7 +298,7 @@ def test_bench_speed_pairs_ours_with_the_builtin_and_reports_its_failures(webui,
 
     webui.use_model("sd1")
     settings = webui_speed.WebuiSpeedSettings(url=webui.base, auth=f"{USER}:{PASSWORD}", data_dir=str(dataset),
-                                              resolution=64, steps=2, warmup=1, vectors=2, pairs=1)
+                                              resolution=64, steps=60, warmup=2, vectors=2, pairs=1)
     report = webui_speed.run(settings)
     ours, builtin = report["runs"]
     assert ours["trainer"] == "ours" and ours["s_per_step"] > 0 and "error" not in ours, ours

@@ -190,7 +190,11 @@ def _timed(start: Callable[[], None], poll: Callable[[], tuple[int, bool]], s: W
     figures: dict = {"steps_seen": max(seen, default=0)}
     end = s.warmup + s.steps
     if end in seen and s.warmup in seen:
-        figures["s_per_step"] = (seen[end] - seen[s.warmup]) / s.steps
+        window = seen[end] - seen[s.warmup]
+        if window < 4 * POLL_S:  # the steps came faster than polling can time them
+            figures["error"] = f"{s.steps} steps took {window:.2f}s, too fast to time by polling: use more --steps"
+        else:
+            figures["s_per_step"] = window / s.steps
         figures["time_to_first_step_s"] = seen[1] - t0
     peak, after = _proc_kib(pid, "VmHWM"), _proc_kib(pid, "VmRSS")
     if peak and baseline and after:
