@@ -57,6 +57,7 @@ from .halves import held_in_bf16
 from .latents import LatentCache
 from .lora import Adapters
 from .losslog import LossLog
+from .profiling import StepProfiler
 from .runfolder import RunLock, check_new_run, check_run, sweep
 from .schedule import parse_schedule
 
@@ -231,13 +232,16 @@ class _Run:
 
     def loop(self, should_stop: Callable[[], bool]) -> str:
         timer = _Timer(self.cfg.batch_size * self.cfg.grad_accum)
+        profiler = StepProfiler(self.run_dir)
         while self.step < self.total:
             if should_stop():
                 return "stopped"
+            profiler.before(self.step + 1)
             lr = self.set_rates()
             loss = functools.reduce(operator.add, [self.backward(micro) for micro in range(self.cfg.grad_accum)])
             self.optimizer_step(loss)
             self.step += 1
+            profiler.after(self.step)
             timer.tick()
             self.report(loss, lr, timer)
             if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total:
