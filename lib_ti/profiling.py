@@ -15,7 +15,8 @@ FIRST_STEP = 3  # steps 1-2 warm up (allocator, oneDNN primitive caches)
 
 
 class StepProfiler:
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, modules: list[torch.nn.Module] | None = None) -> None:
+        self.modules = modules or []
         self.steps = int(os.environ.get("TI_TRAINER_PROFILE") or 0)
         self.path = Path(os.environ.get("TI_TRAINER_PROFILE_OUT") or run_dir / "profile.txt")
         self.profile: torch.profiler.profile | None = None
@@ -24,7 +25,7 @@ class StepProfiler:
         """Call before step ``step`` (1-based) runs."""
         if self.steps and step == FIRST_STEP:
             self.profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                                  record_shapes=True, with_stack=True)
+                                                  record_shapes=True)
             self.profile.__enter__()
 
     def after(self, step: int) -> None:
@@ -33,7 +34,7 @@ class StepProfiler:
             self.profile.__exit__(None, None, None)
             table = self.profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=60)
             self.path.write_text(f"threads {torch.get_num_threads()}, steps {FIRST_STEP}-{step}\n{table}\n"
-                                 f"{_top_stacks(self.profile)}\n")
+                                 f"{_top_stacks(self.profile)}\n{_layouts(self.modules)}\n")
             self.profile = None
 
 
@@ -43,3 +44,10 @@ def _top_stacks(profile: torch.profiler.profile, count: int = 8) -> str:
                    if e.key.startswith("aten::")), key=lambda e: e.self_cpu_time_total, reverse=True)[:count]
     return "\n".join(f"{e.key} {e.count} calls, self {e.self_cpu_time_total / 1e6:.3f}s, shapes {e.input_shapes}\n  "
                      + "\n  ".join(e.stack or []) for e in rows)
+
+
+def _layouts(modules: list[torch.nn.Module]) -> str:
+    """The weights that are not plain contiguous tensors: the CPU's native convolution copies those per call."""
+    odd = [(name, tuple(p.shape), p.stride(), p.dtype) for m in modules for name, p in m.named_parameters()
+           if not p.is_contiguous()]
+    return f"non-contiguous parameters: {len(odd)}" + "".join(f"\n  {o}" for o in odd[:10])

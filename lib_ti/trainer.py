@@ -232,7 +232,7 @@ class _Run:
 
     def loop(self, should_stop: Callable[[], bool]) -> str:
         timer = _Timer(self.cfg.batch_size * self.cfg.grad_accum)
-        profiler = StepProfiler(self.run_dir)
+        profiler = StepProfiler(self.run_dir, self.engine.step_modules())
         while self.step < self.total:
             if should_stop():
                 return "stopped"
