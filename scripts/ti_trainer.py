@@ -9,15 +9,15 @@ from lib_ti.hosts.webui_tab import on_ui_tabs, on_ui_train_tabs
 
 
 def _on_ui_settings():
-    from lib_ti.hosts import a1111
+    from lib_ti.hosts import settings
 
-    a1111.register_settings()
+    settings.register_settings()
 
 
 def _on_app_started(_demo, app):
-    from lib_ti.hosts import a1111, webui_api
+    from lib_ti.hosts import settings, webui_api
 
-    if a1111.api_enabled():
+    if settings.api_enabled():
         webui_api.mount(app)
 
 

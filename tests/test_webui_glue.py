@@ -1,7 +1,8 @@
 """Unit tests of the webui glue that needs no host: job status, the tab's value mapping, request checks.
 
-The host's folders are monkeypatched here; that the integration works is the real-host tier's job
-(tests/test_webui_real.py).
+The host's folders and its model side (a ``PlainHost``) are monkeypatched here; the fake-host tier
+(tests/test_webui_fake.py) runs the adapter itself on fake ``modules``, and the real-host tier
+(tests/test_webui_real.py) proves the integration.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pytest
 from lib_ti import events
 from lib_ti.config import TrainConfig
 from lib_ti.errors import TIError
-from lib_ti.hosts import a1111, runner, webui_tab
+from lib_ti.hosts import folders, gpu_queue, host, registry, runner, settings, webui_tab
 from lib_ti.hosts.jobs import Job, loss_chart_svg
 
 
@@ -85,19 +86,48 @@ def test_every_config_field_has_a_tab_control():
     assert len(webui_tab.FIELD_NAMES) == len(set(webui_tab.FIELD_NAMES))
 
 
+class PlainHost:
+    """A ``Host`` with nothing loaded: records what is registered, renders with ``render``."""
+
+    name, reason = "plain", ""
+
+    def __init__(self) -> None:
+        self.registered: list[str] = []
+        self.render = None
+        self.model: host.LoadedModel | None = None
+
+    def register_file(self, path: Path) -> None:
+        self.registered.append(path.name)
+
+    def loaded_embeddings(self) -> dict[str, str | None]:
+        return {}
+
+    def txt2img(self, request):
+        return self.render(request)
+
+    def loaded_model(self):
+        return self.model
+
+
 @pytest.fixture()
-def host_folders(tmp_path, monkeypatch):
+def plain_host(monkeypatch) -> PlainHost:
+    fake = PlainHost()
+    monkeypatch.setattr(registry, "current_host", lambda: fake)
+    return fake
+
+
+@pytest.fixture()
+def host_folders(tmp_path, monkeypatch, plain_host):
     """A webui data folder (``tmp_path/webui``) with its embeddings and a dataset, and the output root."""
     webui = tmp_path / "webui"
     for folder in ("embeddings", "data", "textual_inversion_templates"):
         (webui / folder).mkdir(parents=True)
-    monkeypatch.setattr(a1111, "data_folder", lambda: webui)
-    monkeypatch.setattr(a1111, "templates_dir", lambda: webui / "textual_inversion_templates")
-    monkeypatch.setattr(a1111, "output_root", lambda: webui / "runs")
-    monkeypatch.setattr(a1111, "embeddings_dir", lambda: webui / "embeddings")
-    monkeypatch.setattr(a1111, "extra_read_roots", lambda: [])
-    monkeypatch.setattr(a1111, "loaded_embedding_file", lambda name: None)
-    monkeypatch.setattr(a1111, "ui_exposed", lambda: False)
+    monkeypatch.setattr(folders, "data_folder", lambda: webui)
+    monkeypatch.setattr(folders, "templates_dir", lambda: webui / "textual_inversion_templates")
+    monkeypatch.setattr(folders, "output_root", lambda: webui / "runs")
+    monkeypatch.setattr(folders, "embeddings_dir", lambda: webui / "embeddings")
+    monkeypatch.setattr(folders, "extra_read_roots", lambda: [])
+    monkeypatch.setattr(folders, "ui_exposed", lambda: False)
     return webui
 
 
@@ -152,18 +182,18 @@ def test_requests_read_only_inside_the_allowed_folders(host_folders, tmp_path, m
     (host_folders / "data" / "link").symlink_to(outside / "data")  # a link inside that leads outside
     with pytest.raises(TIError, match="config data_dir="):
         runner.resolve(base.replace(data_dir=str(host_folders / "data" / "link")), resume=False)
-    monkeypatch.setattr(a1111, "extra_read_roots", lambda: [outside])  # the owner allows the folder
+    monkeypatch.setattr(folders, "extra_read_roots", lambda: [outside])  # the owner allows the folder
     assert runner.resolve(base.replace(data_dir=str(outside / "data")), resume=False)
     # The webui user's own tab reads anywhere unless others can reach the UI: not confined there.
-    monkeypatch.setattr(a1111, "extra_read_roots", lambda: [])
+    monkeypatch.setattr(folders, "extra_read_roots", lambda: [])
     assert runner.resolve(base.replace(data_dir=str(outside / "data")), resume=False, confined=False)
 
 
 def test_folder_settings_cannot_lead_outside_the_embeddings_folder(host_folders, monkeypatch):
-    monkeypatch.setattr(a1111, "checkpoint_subdir", lambda: "../../elsewhere")
+    monkeypatch.setattr(folders, "checkpoint_subdir", lambda: "../../elsewhere")
     with pytest.raises(TIError, match="checkpoint_subdir="):
         runner.checkpoint_folder(TrainConfig(name="tok"))
-    assert set(a1111.PATH_SETTINGS) == {"output_dir", "checkpoint_subdir", "allowed_roots"}  # never set over the API
+    assert set(settings.PATH_SETTINGS) == {"output_dir", "checkpoint_subdir", "allowed_roots"}  # never set over the API
 
 
 def test_a_user_error_carries_no_traceback_to_the_api():
@@ -212,7 +242,7 @@ def test_a_resume_request_continues_the_runs_own_config(host_folders):
 # ---------------------------------------------------------------------- the host's progress and stop flags
 @pytest.fixture()
 def fake_shared(monkeypatch):
-    """``modules.shared`` with the job-state fields a1111 reads and writes (no webui installed in CI)."""
+    """``modules.shared`` with the job-state fields gpu_queue reads and writes (no webui installed in CI)."""
     import sys
     import types
 
@@ -224,53 +254,61 @@ def fake_shared(monkeypatch):
     modules.shared = shared  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "modules", modules)
     monkeypatch.setitem(sys.modules, "modules.shared", shared)
-    monkeypatch.setattr(a1111, "_clock", {})
+    monkeypatch.setattr(gpu_queue, "_clock", {})
     return shared
 
 
 def _host_eta(state, now: float) -> float:
     """The host's own ETA (modules/progress.py progressapi, v1.10.1) from the job state."""
-    progress = min(state.job_no / state.job_count, 1)
+    progress = state.job_no / state.job_count
+    if state.sampling_steps > 0:
+        progress += state.sampling_step / state.sampling_steps / state.job_count
+    progress = min(progress, 1)
     elapsed = now - state.time_start
     return elapsed / progress - elapsed
 
 
-def test_the_host_bar_shows_plain_text_and_this_sessions_eta(fake_shared, monkeypatch):
+def test_the_host_bar_shows_plain_text_and_the_runs_own_eta(fake_shared, monkeypatch):
     import time
 
     clock = [5000.0]
     monkeypatch.setattr(time, "time", lambda: clock[0])
-    a1111.progress_begin(100, 40, "tok")  # a resumed run: 40 steps were done before, data loading took long
-    clock[0] += 30.0  # 30 s for 10 steps of this session: the 50 steps left take 150 s
-    a1111.progress_step(50, 100, "tok")
+    gpu_queue.progress_begin(100, 40, "tok")  # a resumed run: 40 steps were done before, data loading took long
     state = fake_shared.state
+    assert state.job_count == 0 and "step 40/100" in state.textinfo  # no fraction yet: the host's ETA would be 0 s
+    clock[0] += 30.0
+    gpu_queue.progress_step(50, 100, "tok")
     assert state.job_no == 50 and state.job_count == 100
     assert "<" not in state.textinfo and "\n" not in state.textinfo and "step 50/100" in state.textinfo
+    gpu_queue.progress_eta(150.0)
     assert _host_eta(state, clock[0]) == pytest.approx(150.0)
-    clock[0] += 90.0  # 20 more steps in 90 s: slower now, (30 + 90) s / 30 steps x 30 left
-    a1111.progress_step(70, 100, "tok")
+    state.sampling_step, state.sampling_steps = 5, 10  # a preview render: the host counts its sampling steps too
+    gpu_queue.progress_eta(120.0)
     assert _host_eta(state, clock[0]) == pytest.approx(120.0)
-    a1111.progress_end()
+    gpu_queue.progress_end()
     assert state.time_start == 1000.0  # the host logs the job's real duration
 
 
-def test_eta_is_left_to_the_host_before_the_first_step_and_at_the_end():
-    assert a1111.host_time_start(10.0, 0.0, 5, 5, 100) is None
-    assert a1111.host_time_start(10.0, 0.0, 0, 100, 100) is None
-    assert a1111.host_time_start(10.0, 0.0, 0, 10, 100) == pytest.approx(0.0)  # a fresh run: the host's own ETA
+def test_eta_is_left_to_the_host_before_the_first_step_and_at_the_end(fake_shared):
+    assert gpu_queue.host_time_start(10.0, 5.0, 0.0) is None
+    assert gpu_queue.host_time_start(10.0, 5.0, 1.0) is None
+    assert gpu_queue.host_time_start(10.0, 9.0, 0.5) == pytest.approx(1.0)
+    gpu_queue.progress_begin(100, 0, "tok")
+    gpu_queue.progress_eta(None)  # no step timed yet
+    assert fake_shared.state.time_start == 1000.0
 
 
-@pytest.mark.parametrize("flag", a1111.STOP_FLAGS)
+@pytest.mark.parametrize("flag", gpu_queue.STOP_FLAGS)
 def test_interrupt_skip_and_stop_after_image_each_stop_a_run(fake_shared, flag):
-    assert not a1111.host_interrupted()
+    assert not gpu_queue.host_interrupted()
     setattr(fake_shared.state, flag, True)
-    assert a1111.host_interrupted()
+    assert gpu_queue.host_interrupted()
 
 
 def test_a_preview_render_keeps_the_training_job_and_the_stop_requests(fake_shared):
     state = fake_shared.state
     state.job_count, state.job_no, state.textinfo, state.skipped = 100, 42, "Training tok: step 42/100", True
-    with a1111._job_state_kept(state), a1111._quiet_total_progress(fake_shared):
+    with gpu_queue.job_state_kept(state), gpu_queue.quiet_total_progress(fake_shared):
         # what the host's txt2img does: one image of 20 steps, Skip cleared at the image's start
         state.job_count, state.job_no, state.sampling_steps, state.skipped = 1, 1, 20, False
         fake_shared.total_tqdm.update()
@@ -326,7 +364,7 @@ def test_runner_start_holds_the_gpu_lock_under_the_runs_task_id(monkeypatch):
         yield
         seen.append(("unlock", task_id))
 
-    monkeypatch.setattr(a1111, "gpu_job", gpu_job)
+    monkeypatch.setattr(gpu_queue, "gpu_job", gpu_job)
     monkeypatch.setattr(runner, "run", lambda job, cfg, resume: seen.append(("run", job.name, resume)))
     job = Job("tok-1", "tok", task_id="task(xyz)")
     runner.start(job, TrainConfig(name="tok"), resume=True).join(5)
@@ -345,7 +383,7 @@ def test_the_run_panel_is_polled_from_the_server_after_a_reload(host_folders, no
     status, panel, gallery = webui_tab._poll("{}")  # a fresh page: no state of its own
     assert json.loads(status) == {"run_id": job.run_id, "task_id": "task(abc)", "state": "running", "active": True,
                                   "previews": 1}
-    assert "tok" in panel and "10 / 100" in panel and "0.1250" in panel and "0:45" in panel and "/data/tok" in panel
+    assert "tok" in panel and "10 / 100" in panel and "0.1250" in panel and "ETA" in panel and "/data/tok" in panel
     assert gallery["value"] == [(str(Path("previews/tok-10.png")), "step 10")]
     assert webui_tab._poll(status)[2] == {"__type__": "update"}  # previews unchanged: the gallery is left alone
     assert "Stopping tok" in webui_tab._stop_clicked() and job.should_stop()  # Stop from the reloaded page
@@ -403,10 +441,10 @@ def test_load_run_fills_the_form_with_the_saved_config(host_folders, no_jobs):
 @pytest.mark.parametrize(("family", "parameterization", "latent", "levels", "side"), [
     ("sd1", "eps", 64, 4, 512), ("sd2", "v", 96, 4, 768), ("sd2", "eps", 64, 4, 512), ("sdxl", "eps", 0, 4, 1024),
     ("sd1", "eps", 8, 4, 64)])  # the last: the micro model (8 latents, a 4-level VAE)
-def test_default_size_fits_the_loaded_model(family, parameterization, latent, levels, side, monkeypatch):
-    assert a1111.training_size(family, parameterization, latent, levels) == side
-    monkeypatch.setattr(a1111, "config_defaults", lambda: {})
-    monkeypatch.setattr(a1111, "loaded_model_size", lambda: side)
+def test_default_size_fits_the_loaded_model(family, parameterization, latent, levels, side, monkeypatch, plain_host):
+    assert host.training_size(family, parameterization, latent, levels) == side
+    monkeypatch.setattr(settings, "config_defaults", lambda: {})
+    plain_host.model = host.LoadedModel(family, side)
     assert (webui_tab.form_defaults()["width"], webui_tab.form_defaults()["height"]) == (side, side)
 
 
@@ -414,13 +452,12 @@ def test_default_size_fits_the_loaded_model(family, parameterization, latent, le
 def test_published_checkpoints_stay_and_carry_their_previews(host_folders, monkeypatch):
     from lib_ti.checkpoints import checkpoint_dir
 
-    registered = []
-    monkeypatch.setattr(a1111, "register_file", lambda path: registered.append(path.name))
-    monkeypatch.setattr(a1111, "checkpoint_subdir", lambda: "ti-trainer")
-    monkeypatch.setattr(a1111, "progress_image", lambda image: None)
+    registered = registry.current_host().registered
+    monkeypatch.setattr(folders, "checkpoint_subdir", lambda: "ti-trainer")
+    monkeypatch.setattr(gpu_queue, "progress_image", lambda image: None)
     cfg = runner.resolve(TrainConfig(name="tok", data_dir=str(host_folders / "data"), keep_last=1), resume=False)
     job = Job("tok-1", "tok")
-    publisher = runner._Publisher(job, cfg)
+    publisher = runner._Publisher(job, cfg, registry.current_host())
     folder = checkpoint_dir(cfg.run_dir)
     folder.mkdir(parents=True)
     (cfg.run_dir / "previews").mkdir()
@@ -445,6 +482,32 @@ def test_published_checkpoints_stay_and_carry_their_previews(host_folders, monke
     assert registered[-1] == "tok.safetensors" and "tok-3.safetensors" in registered
 
 
+def test_a_stopped_runs_last_checkpoint_shows_the_runs_last_preview(host_folders, monkeypatch):
+    """A stop between previews: its checkpoint (the final embedding's vectors) gets the card preview the
+    final embedding gets, never "NO PREVIEW" next to cards that have one."""
+    from lib_ti.checkpoints import checkpoint_dir
+
+    monkeypatch.setattr(folders, "checkpoint_subdir", lambda: "ti-trainer")
+    monkeypatch.setattr(gpu_queue, "progress_image", lambda image: None)
+    cfg = runner.resolve(TrainConfig(name="tok", data_dir=str(host_folders / "data")), resume=False)
+    publisher = runner._Publisher(Job("tok-1", "tok"), cfg, registry.current_host())
+    folder = checkpoint_dir(cfg.run_dir)
+    folder.mkdir(parents=True)
+    (cfg.run_dir / "previews").mkdir()
+    preview = cfg.run_dir / "previews" / "tok-20.png"
+    preview.write_bytes(b"png 20")
+    publisher.handle(events.Preview(20, preview, image=None))
+    ckpt = folder / "tok-23.safetensors"  # stopped at step 23
+    ckpt.write_bytes(b"embedding 23")
+    final = cfg.run_dir / "tok.safetensors"
+    final.write_bytes(b"final")
+    publisher.handle(events.Saved(23, final, is_final=True, checkpoint=ckpt))
+    publisher.publish_final()
+    copies = host_folders / "embeddings" / "ti-trainer" / "tok"
+    assert (copies / "tok-23.preview.png").read_bytes() == b"png 20"
+    assert (host_folders / "embeddings" / "tok.preview.png").read_bytes() == b"png 20"
+
+
 # ---------------------------------------------------------------------- the comparison grid
 def test_grid_prompts_name_each_checkpoint():
     from lib_ti.hosts import compare
@@ -465,7 +528,7 @@ def test_grid_renders_prompts_by_checkpoints_with_the_runs_preview_parameters(ho
 
     from lib_ti.hosts import compare
 
-    monkeypatch.setattr(a1111, "checkpoint_subdir", lambda: "ti-trainer")
+    monkeypatch.setattr(folders, "checkpoint_subdir", lambda: "ti-trainer")
     copies = host_folders / "embeddings" / "ti-trainer" / "tok"
     copies.mkdir(parents=True)
     for step in (100, 20):
@@ -484,7 +547,7 @@ def test_grid_renders_prompts_by_checkpoints_with_the_runs_preview_parameters(ho
         name = next(n for n in sorted(shades, key=len, reverse=True) if n in request.prompt)
         return Image.new("RGB", (request.width, request.height), (shades[name], 0, 0))
 
-    monkeypatch.setattr(a1111, "txt2img", txt2img)
+    registry.current_host().render = txt2img
     path = compare.render_grid(cfg, "a [name] toy\na tok photo", "tok-20, tok")
     assert [r.prompt for r in requests] == ["a tok-20 toy", "a tok toy", "a tok-20 photo", "a tok photo"]
     assert {(r.steps, r.seed, r.sampler_name, r.width) for r in requests} == {(7, 3, "DDIM", 64)}
@@ -522,15 +585,19 @@ def test_scoring_in_the_webui_waits_for_training_and_tables_the_scores(tmp_path,
 
 def test_pivotal_run_publishes_its_lora_and_protects_an_existing_one(host_folders, monkeypatch, tmp_path):
     loras = host_folders / "models" / "Lora"
-    monkeypatch.setattr(a1111, "lora_dir", lambda: loras)
+    monkeypatch.setattr(folders, "lora_dir", lambda: loras)
     published: list[tuple[Path, Path]] = []
-    monkeypatch.setattr(a1111, "publish", lambda path, target: published.append((path, target)) or target)
-    monkeypatch.setattr(a1111, "publish_lora", lambda path, target: published.append((path, target)) or target)
+    monkeypatch.setattr(folders, "publish", lambda host, path, target: published.append((path, target)) or target)
+    monkeypatch.setattr(folders, "publish_lora", lambda path, target: published.append((path, target)) or target)
     cfg = TrainConfig(name="tok", data_dir=str(host_folders / "data"), mode="pivotal")
-    publisher = runner._Publisher(Job("tok-1", "tok"), cfg)
-    monkeypatch.setattr(publisher, "_publish_checkpoint", lambda step, path: None)
+    publisher = runner._Publisher(Job("tok-1", "tok"), cfg, registry.current_host())
+    monkeypatch.setattr(publisher, "_publish_checkpoint", lambda step, path, is_final: None)
     publisher.handle(events.Saved(4, tmp_path / "tok.safetensors", True, None, tmp_path / "tok-lora.safetensors"))
     publisher.publish_final()
+    publisher.job.finish(stopped=False)
+    outcome = publisher.job.outcome_html()  # the run panel names both files and how a prompt uses them
+    assert str(loras / "tok.safetensors") in outcome and "&lt;lora:tok:1&gt;" in outcome
+    assert publisher.job.status()["lora_path"] == str(loras / "tok.safetensors")
     assert published == [(tmp_path / "tok.safetensors", host_folders / "embeddings" / "tok.safetensors"),
                          (tmp_path / "tok-lora.safetensors", loras / "tok.safetensors")]  # <lora:tok:1> and tok
     loras.mkdir(parents=True)

@@ -14,12 +14,14 @@ from typing import Any
 
 from ..errors import TIError
 from ..families import label_of_widths
-from ..formats.embeddings import FORMATS, load_embedding, load_embedding_details, save_embedding
-from ..formats.lora import is_lora_file, load_lora
+from ..formats import EMBEDDING_FORMATS
 
 
 def describe(path: str | Path) -> dict[str, Any]:
     """What an embedding (or LoRA) file holds, as JSON-ready plain values."""
+    from ..formats.embeddings import load_embedding_details  # torch: imported when a file is read, not for --help
+    from ..formats.lora import is_lora_file
+
     if is_lora_file(path):
         return describe_lora(path)
     loaded = load_embedding_details(path)
@@ -45,6 +47,8 @@ def describe(path: str | Path) -> dict[str, Any]:
 
 def describe_lora(path: str | Path) -> dict[str, Any]:
     """What a LoRA file holds: its modules by kohya name (a diffusers file's renamed for the real models' layout)."""
+    from ..formats.lora import load_lora
+
     lora = load_lora(path)
     ranks = sorted({m.rank for m in lora.modules.values()})
     alphas = sorted({m.alpha for m in lora.modules.values()})
@@ -99,6 +103,8 @@ def convert(src: str | Path, dst: str | Path, *, overwrite: bool = False, fmt: s
 
     The embedding keeps the name it was read with (``src``'s stem, or the name inside an image).
     """
+    from ..formats.embeddings import load_embedding, save_embedding
+
     return save_embedding(load_embedding(src), dst, fmt=fmt, overwrite=overwrite)
 
 
@@ -114,7 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="embedding file: .safetensors, .pt, .bin, .png or .webp (format found by content)")
     parser.add_argument("--to", metavar="OUT", help="also convert it and write OUT; the format follows OUT's "
                         "extension (.safetensors, .pt, .bin, .png, .webp) unless --format is given")
-    parser.add_argument("--format", choices=FORMATS, help="output format for --to; 'diffusers' writes "
+    parser.add_argument("--format", choices=EMBEDDING_FORMATS, help="output format for --to; 'diffusers' writes "
                         "OUT/learned_embeds.safetensors (OUT a folder) or OUT itself (.safetensors/.bin)")
     parser.add_argument("--overwrite", action="store_true", help="let --to replace an existing OUT")
     parser.add_argument("--json", action="store_true", help="print the description as JSON")

@@ -69,8 +69,9 @@ from ..embedding import Embedding
 from ..errors import TIError
 from ..families import SDXL_KEYS
 from ..fileio import atomic_path, load_torch, save_torch, write_bytes
+from . import EMBEDDING_FORMATS
 
-FORMATS = ("safetensors", "pt", "png", "webp", "diffusers")
+FORMATS = EMBEDDING_FORMATS
 _SUFFIX_FORMATS = {".safetensors": "safetensors", ".pt": "pt", ".bin": "pt", ".png": "png", ".webp": "webp"}
 _FORMAT_SUFFIXES = {
     "safetensors": (".safetensors",),

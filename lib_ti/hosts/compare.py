@@ -14,7 +14,7 @@ from pathlib import Path
 from ..config import TrainConfig
 from ..engine import PreviewRequest
 from ..errors import TIError
-from . import a1111, runner
+from . import registry, runner
 
 MAX_PROMPTS = 8
 MAX_CHECKPOINTS = 12
@@ -104,7 +104,8 @@ def render_grid(cfg: TrainConfig, prompts_text: str, checkpoints_text: str) -> P
     """Render the grid through the host's txt2img; saved in the run folder's grids/, returned as its path."""
     prompts = prompts_from(prompts_text, cfg)
     checkpoints = checkpoints_from(checkpoints_text, cfg)
-    cells = [[a1111.txt2img(_request(cfg, prompt_for(line, cfg.name, ckpt))) for ckpt in checkpoints]
+    host = registry.current_host()
+    cells = [[host.txt2img(_request(cfg, prompt_for(line, cfg.name, ckpt))) for ckpt in checkpoints]
              for line in prompts]
     grid = compose(cells, prompts, checkpoints)
     run_dir = runner.resolve_run_dir(cfg)

@@ -1,13 +1,15 @@
 """Running a training job inside the webui: checks, the run itself, and publishing what it saves.
 
-Used by the tab and by the API. The caller holds the host's GPU queue lock; the host-specific
-calls are all in ``a1111``.
+Used by the tab and by the API. The caller holds the host's GPU queue lock; the model-specific
+calls go to the running webui's ``Host`` (``registry.current_host``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from .. import events
@@ -20,7 +22,8 @@ from ..formats.embeddings import save_embedding
 from ..runfolder import check_run
 from ..templates import is_builtin_template
 from ..trainer import train
-from . import a1111
+from . import folders, gpu_queue, registry
+from .host import Host
 from .jobs import Job
 
 _lock = threading.Lock()
@@ -52,10 +55,13 @@ def resolve(cfg: TrainConfig, *, resume: bool, confined: bool = True) -> TrainCo
 
     Nothing may be written outside the embeddings and output folders, so ``output_dir`` is a
     relative folder under the output root, and ``init_from`` names a loaded embedding or a file.
-    ``confined`` (every API request; the tab when others can reach it, ``a1111.ui_exposed``): what the
+    ``confined`` (every API request; the tab when others can reach it, ``folders.ui_exposed``): what the
     run reads (data_dir, a template file, init_from) must lie inside ``read_roots()``, checked before
     whether it exists, so that a refusal tells nothing about files outside.
     """
+    host = registry.current_host()
+    if host.reason:  # a webui no adapter serves: its one sentence, before anything else is checked
+        raise TIError(host.reason)
     if cfg.model:
         raise TIError(f"config model={shown(cfg.model)} is invalid here: the webui trains on the checkpoint it has "
                       "loaded; leave model empty and pick the checkpoint at the top of the page")
@@ -83,8 +89,8 @@ def resolve(cfg: TrainConfig, *, resume: bool, confined: bool = True) -> TrainCo
 def read_roots() -> list[Path]:
     """The folders a confined request may read from: the webui's data folder, its embeddings and template
     folders, the output root, and the folders --ti-trainer-allowed-roots and the allowed-roots setting add."""
-    roots = [a1111.data_folder(), a1111.embeddings_dir(), a1111.templates_dir(), a1111.output_root(),
-             *a1111.extra_read_roots()]
+    roots = [folders.data_folder(), folders.embeddings_dir(), folders.templates_dir(), folders.output_root(),
+             *folders.extra_read_roots()]
     return list(dict.fromkeys(root.expanduser().resolve() for root in roots))
 
 
@@ -94,7 +100,7 @@ def check_readable(cfg: TrainConfig) -> None:
         readable("config data_dir", cfg.data_dir)
     if not is_builtin_template(cfg.template):
         readable("config template", cfg.template)
-    if cfg.init_from and not a1111.loaded_embedding_file(cfg.init_from):
+    if cfg.init_from and not loaded_embedding_file(cfg.init_from):
         readable("config init_from", cfg.init_from)
 
 
@@ -116,7 +122,7 @@ def resolve_run_dir(cfg: TrainConfig) -> Path:
 
 def _run_folder(value: str) -> Path:
     """A run folder under the output root: a relative name, or a path already inside the root (a saved run's)."""
-    root = a1111.output_root()
+    root = folders.output_root()
     path = Path(value)
     if path.is_absolute() and path.resolve().is_relative_to(root.resolve()) and path.resolve() != root.resolve():
         return path
@@ -131,14 +137,14 @@ def _relative(field: str, value: str) -> Path:
     path = Path(value)
     if path.is_absolute() or ".." in path.parts or not path.parts:
         raise TIError(f"config {field}={shown(value)} is invalid: give a folder name relative to the extension's "
-                      f"output folder ({a1111.output_root()}); absolute paths and '..' are not allowed")
+                      f"output folder ({folders.output_root()}); absolute paths and '..' are not allowed")
     return path
 
 
 def _init_file(init_from: str, *, confined: bool = True) -> str:
     if not init_from:
         return ""
-    loaded = a1111.loaded_embedding_file(init_from)
+    loaded = loaded_embedding_file(init_from)
     if loaded:
         return loaded
     path = readable("config init_from", init_from) if confined else Path(init_from).expanduser().resolve()
@@ -153,7 +159,7 @@ def _refuse_existing(cfg: TrainConfig) -> None:
         raise TIError(f"a LoRA named {cfg.name!r} already exists ({final_lora_target(cfg)}): choose another name, "
                       "resume its run, or tick Overwrite")
     target = final_target(cfg)
-    existing = target if target.exists() else a1111.loaded_embedding_file(cfg.name)
+    existing = target if target.exists() else loaded_embedding_file(cfg.name)
     if existing and cfg.init_from and Path(cfg.init_from).resolve() == Path(existing).resolve():
         existing = None  # continuing an embedding in place, as the webui's own trainer does
     if existing or list_states(cfg.run_dir, cfg.name):
@@ -163,35 +169,41 @@ def _refuse_existing(cfg: TrainConfig) -> None:
 
 
 def final_target(cfg: TrainConfig) -> Path:
-    return a1111.embeddings_dir() / f"{cfg.name}.{cfg.save_format}"
+    return folders.embeddings_dir() / f"{cfg.name}.{cfg.save_format}"
 
 
 def final_lora_target(cfg: TrainConfig) -> Path:
     """A pivotal run's LoRA in the host's Lora folder, named like the embedding: ``<lora:name:1>`` plus ``name``."""
-    return a1111.lora_dir() / f"{cfg.name}.safetensors"
+    return folders.lora_dir() / f"{cfg.name}.safetensors"
 
 
 def checkpoint_folder(cfg: TrainConfig) -> Path:
-    sub = Path(a1111.checkpoint_subdir())
+    sub = Path(folders.checkpoint_subdir())
     if sub.is_absolute() or ".." in sub.parts:
         raise TIError(f"setting checkpoint_subdir={shown(str(sub))} is invalid: give a folder name inside the "
                       "embeddings folder (Settings > TI Trainer)")
-    return a1111.embeddings_dir() / sub / cfg.name
+    return folders.embeddings_dir() / sub / cfg.name
 
 
 def create_embedding(cfg: TrainConfig) -> Path:
     """A new embedding at step 0 from the init text, in the embeddings folder and usable at once
     (the host's own Create fails on SDXL; this works on every family the engine supports)."""
     target = final_target(cfg)
-    existing = target if target.exists() else a1111.loaded_embedding_file(cfg.name)
+    existing = target if target.exists() else loaded_embedding_file(cfg.name)
     if existing and not cfg.overwrite:
         raise TIError(f"an embedding named {cfg.name!r} already exists ({existing}): choose another name or "
                       "tick Overwrite")
-    engine = a1111.current_engine()
+    host = registry.current_host()
+    engine = host.engine()
     emb = embedding_of(engine, cfg.name, engine.init_vectors(cfg.init_text, cfg.num_vectors), 0)
     save_embedding(emb, target, overwrite=cfg.overwrite)
-    a1111.register_file(target)
+    host.register_file(target)
     return target
+
+
+def loaded_embedding_file(name: str) -> str | None:
+    """The file of an embedding the host has loaded under ``name`` (None: no such embedding, or no file)."""
+    return registry.current_host().loaded_embeddings().get(name)
 
 
 # ---------------------------------------------------------------------- jobs
@@ -236,7 +248,7 @@ def start(job: Job, cfg: TrainConfig, *, resume: bool) -> threading.Thread:
     """Run the job in a thread of its own, holding the host's GPU queue lock under the job's task id: the run
     outlives the request (and the page) that started it, and the host's progress API follows the task id."""
     def work() -> None:
-        with a1111.gpu_job(job.task_id):
+        with gpu_queue.gpu_job(job.task_id):
             run(job, cfg, resume=resume)
 
     thread = threading.Thread(target=work, name=f"ti-trainer {job.run_id}", daemon=True)
@@ -247,12 +259,13 @@ def start(job: Job, cfg: TrainConfig, *, resume: bool) -> threading.Thread:
 def run(job: Job, cfg: TrainConfig, *, resume: bool) -> Job:
     """Train on the loaded checkpoint; the job records the outcome (a failure too, with its real error)."""
     try:
-        engine = a1111.current_engine()
+        host = registry.current_host()
+        engine = host.engine()
         data = prepare_data(cfg)  # every data problem is reported before the model is touched
-        publisher = _Publisher(job, cfg)
-        with a1111.host_session(engine, cfg.name):
+        publisher = _Publisher(job, cfg, host)
+        with host.session(engine, cfg.name), _host_eta(job):
             result = train(engine, cfg, data=data, resume=resume, on_event=publisher.handle,
-                           should_stop=lambda: job.should_stop() or a1111.host_interrupted())
+                           should_stop=lambda: job.should_stop() or gpu_queue.host_interrupted())
         publisher.publish_final()  # after the session: the live embedding is unregistered by then
         job.finish(stopped=result.stopped_early)
     except Exception as exc:  # the tab and the API show it; "finished" with nothing done is never reported
@@ -261,8 +274,28 @@ def run(job: Job, cfg: TrainConfig, *, resume: bool) -> Job:
         job.fail(exc)
         raise
     finally:
-        a1111.progress_end()
+        gpu_queue.progress_end()
     return job
+
+
+@contextlib.contextmanager
+def _host_eta(job: Job, every_s: float = 0.5) -> Iterator[None]:
+    """Keeps the host's progress bar ETA on the run's own (``Job.eta_s``) while the run trains: the host
+    extrapolates between our updates, and during a preview its ETA would grow by (1 - p) / p times the
+    preview's length."""
+    done = threading.Event()
+
+    def tick() -> None:
+        while not done.wait(every_s):
+            gpu_queue.progress_eta(job.eta_s)
+
+    thread = threading.Thread(target=tick, name=f"ti-trainer eta {job.run_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 class _Publisher:
@@ -275,8 +308,8 @@ class _Publisher:
     host's card preview convention), the final embedding the run's last preview.
     """
 
-    def __init__(self, job: Job, cfg: TrainConfig) -> None:
-        self.job, self.cfg = job, cfg
+    def __init__(self, job: Job, cfg: TrainConfig, host: Host) -> None:
+        self.job, self.cfg, self.host = job, cfg, host
         self.final: Path | None = None
         self.final_lora: Path | None = None
         self.copies: dict[int, Path] = {}  # step -> the checkpoint's copy in the embeddings folder
@@ -284,11 +317,12 @@ class _Publisher:
     def handle(self, event: object) -> None:
         self.job.handle(event)
         if isinstance(event, events.Started):
-            a1111.progress_begin(event.total_steps, event.start_step, self.cfg.name)
+            gpu_queue.progress_begin(event.total_steps, event.start_step, self.cfg.name)
         elif isinstance(event, events.Step):
-            a1111.progress_step(event.step, event.total_steps, self.cfg.name)
+            gpu_queue.progress_step(event.step, event.total_steps, self.cfg.name)
+            gpu_queue.progress_eta(self.job.eta_s)
         elif isinstance(event, events.Preview):
-            a1111.progress_image(event.image)
+            gpu_queue.progress_image(event.image)
             if event.step in self.copies:
                 self._card_preview(Path(event.path), self.copies[event.step])
         elif isinstance(event, events.Saved):
@@ -296,29 +330,32 @@ class _Publisher:
                 self.final = Path(event.path)
                 self.final_lora = Path(event.lora) if event.lora is not None else None
             if event.checkpoint is not None:  # the last step is a checkpoint like the others, final or not
-                self._publish_checkpoint(event.step, Path(event.checkpoint))
+                self._publish_checkpoint(event.step, Path(event.checkpoint), event.is_final)
 
-    def _publish_checkpoint(self, step: int, path: Path) -> None:
-        copy = a1111.publish(path, checkpoint_folder(self.cfg) / path.name)
+    def _publish_checkpoint(self, step: int, path: Path, is_final: bool) -> None:
+        copy = folders.publish(self.host, path, checkpoint_folder(self.cfg) / path.name)
         self.job.published.append(copy)
         self.copies[step] = copy
         preview = self.job.previews[-1] if self.job.previews else None
-        if preview is not None and preview[0] == step:
+        # The last step's checkpoint holds the final embedding's vectors: it shows the final embedding's card
+        # preview (the run's last one) when a stop ended the run between previews.
+        if preview is not None and (preview[0] == step or is_final):
             self._card_preview(preview[1], copy)
 
     def _card_preview(self, image: Path, embedding: Path) -> None:
         if image.is_file():
-            a1111.copy_file(image, card_preview_path(embedding))
+            folders.copy_file(image, card_preview_path(embedding))
 
     def publish_final(self) -> None:
         if self.final is not None:
             target = final_target(self.cfg)
-            self.job.published.append(a1111.publish(self.final, target))
+            self.job.published.append(folders.publish(self.host, self.final, target))
             self.job.final_path = target
             if self.job.previews:
                 self._card_preview(self.job.previews[-1][1], target)
         if self.final_lora is not None:
-            self.job.published.append(a1111.publish_lora(self.final_lora, final_lora_target(self.cfg)))
+            self.job.lora_path = folders.publish_lora(self.final_lora, final_lora_target(self.cfg))
+            self.job.published.append(self.job.lora_path)
 
 
 def card_preview_path(embedding: Path) -> Path:
@@ -330,7 +367,7 @@ def card_preview_path(embedding: Path) -> Path:
 # ---------------------------------------------------------------------- run folders on disk
 def runs_on_disk() -> list[dict]:
     """The run folders under the output root (one or two levels down), with their checkpoint steps."""
-    root = a1111.output_root()
+    root = folders.output_root()
     out = []
     for config_file in sorted([*root.glob("*/config.yaml"), *root.glob("*/*/config.yaml")]):
         try:

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..errors import TIError
 from ..scoring.defaults import DEFAULT_CLIP, EDIT_PROMPTS
 from ..scoring.score import ScoreOptions, ScoreReport, list_checkpoints, run_config, score_run
-from . import a1111, runner
+from . import registry, runner
 
 
 def score_run_folder(run_dir: str | Path, *, clip: str = DEFAULT_CLIP, seeds: int = 2,
@@ -28,9 +28,10 @@ def score_run_folder(run_dir: str | Path, *, clip: str = DEFAULT_CLIP, seeds: in
     list_checkpoints(opts.run_dir, name)  # nothing to score: said before CLIP or the model is touched
     from ..scoring.clip import load_clip  # heavy: transformers
 
-    engine = a1111.current_engine()
+    host = registry.current_host()
+    engine = host.engine()
     model = load_clip(clip, device=engine.device)
-    with a1111.host_session(engine, name):
+    with host.session(engine, name):
         return score_run(engine, model, opts, progress=progress)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..config import TrainConfig
 from ..errors import TIError
-from . import a1111, runner
+from . import gpu_queue, registry, runner, settings
 
 PREFIX = "/ti-trainer/v1"
 
@@ -24,7 +24,7 @@ def mount(app) -> None:
     from fastapi import APIRouter, Body, Depends, HTTPException, Query
     from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
-    credentials = a1111.api_credentials()
+    credentials = settings.api_credentials()
     dependencies = []
     if credentials:
         basic = HTTPBasic()
@@ -74,7 +74,7 @@ def mount(app) -> None:
     def create(config: dict[str, Any] = Body(..., description="name, init_text, num_vectors, overwrite")):
         try:
             cfg = TrainConfig.from_dict(config)
-            with a1111.gpu_job("task(ti-trainer-create)"):
+            with gpu_queue.gpu_job("task(ti-trainer-create)"):
                 path = runner.create_embedding(cfg)
         except TIError as exc:
             raise HTTPException(422, str(exc)) from None
@@ -86,8 +86,8 @@ def mount(app) -> None:
                   weights: bool = Query(False, description="also a digest of every weight of the loaded checkpoint "
                                         "(about a second per GB): equal before and after a run = left bit-identical")):
         try:
-            with a1111.gpu_job("task(ti-trainer-selfcheck)"):
-                return a1111.self_check(init_text, prompt, weights=weights)
+            with gpu_queue.gpu_job("task(ti-trainer-selfcheck)"):
+                return registry.current_host().self_check(init_text, prompt, weights=weights)
         except TIError as exc:
             raise HTTPException(409, str(exc)) from None
 

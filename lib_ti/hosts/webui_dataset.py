@@ -12,7 +12,8 @@ from ..dataset.caption import CaptionOptions, caption_folder, caption_path, revi
 from ..dataset.prepare import COMMON, MORE, PrepareOptions
 from ..dataset.prepare import run as prepare_folder
 from ..errors import TIError
-from . import a1111, runner
+from . import folders, gpu_queue, runner
+from .captioner import captioner as host_captioner
 from .widgets import ui_fields, values_to_options, widget
 
 TAB_TITLE = "TI Dataset"
@@ -51,9 +52,9 @@ def build_controls() -> None:
                                  wrap=True, elem_id=element_id("table"))
             save = gr.Button("Save captions", elem_id=element_id("save"))
 
-    prepare.click(fn=a1111.wrap_gpu_call(_prepare_handler(list(prep)), []), inputs=list(prep.values()),
+    prepare.click(fn=gpu_queue.wrap_gpu_call(_prepare_handler(list(prep)), []), inputs=list(prep.values()),
                   outputs=[report])
-    caption.click(fn=a1111.wrap_gpu_call(_caption_handler(list(cap)), []), inputs=[folder, model, *cap.values()],
+    caption.click(fn=gpu_queue.wrap_gpu_call(_caption_handler(list(cap)), []), inputs=[folder, model, *cap.values()],
                   outputs=[report])
     load.click(fn=_load_review, inputs=[review_folder], outputs=[gallery, table, report])
     save.click(fn=_save_review, inputs=[review_folder, table], outputs=[report])
@@ -72,11 +73,11 @@ def _controls(cls: type, chosen: list, prefix: str = "") -> dict:
     return controls
 
 
-def _confined(*folders: str) -> None:
-    """When others can reach the UI (``a1111.ui_exposed``), the folders it reads and writes lie inside the
+def _confined(*paths: str) -> None:
+    """When others can reach the UI (``folders.ui_exposed``), the folders it reads and writes lie inside the
     allowed folders, as for API requests; otherwise they are the webui user's own choice."""
-    if a1111.ui_exposed():
-        for folder in folders:
+    if folders.ui_exposed():
+        for folder in paths:
             runner.readable("folder", str(folder))
 
 
@@ -85,7 +86,8 @@ def _prepare_handler(names: list[str]):
         try:
             opts = PrepareOptions(**values_to_options(PrepareOptions, dict(zip(names, values, strict=True))))
             _confined(opts.src, opts.dst)
-            report = prepare_folder(opts, on_progress=a1111.progress_count, should_stop=a1111.host_interrupted)
+            report = prepare_folder(opts, on_progress=gpu_queue.progress_count,
+                                    should_stop=gpu_queue.host_interrupted)
         except TIError as exc:
             return (_pre(str(exc), error=True),)
         return (_pre(report.format()),)
@@ -98,9 +100,9 @@ def _caption_handler(names: list[str]):
         try:
             opts = CaptionOptions(**values_to_options(CaptionOptions, dict(zip(names, values, strict=True))))
             _confined(folder)
-            with a1111.captioner(None if model == HOST_BLIP else model) as captioner:
-                report = caption_folder(folder, captioner, opts, on_progress=a1111.progress_count,
-                                        should_stop=a1111.host_interrupted)
+            with host_captioner(None if model == HOST_BLIP else model) as captioner:
+                report = caption_folder(folder, captioner, opts, on_progress=gpu_queue.progress_count,
+                                        should_stop=gpu_queue.host_interrupted)
         except TIError as exc:
             return (_pre(str(exc), error=True),)
         return (_pre(report.format()),)

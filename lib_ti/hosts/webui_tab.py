@@ -22,9 +22,10 @@ from pathlib import Path
 from ..config import TrainConfig
 from ..dataset.preflight import check
 from ..errors import TIError, shown
+from ..families import FAMILIES
 from ..options import field_label, field_ui_help
 from ..templates import builtin_names
-from . import a1111, compare, runner, webui_dataset
+from . import compare, folders, gpu_queue, registry, runner, settings, webui_dataset
 from .jobs import Job
 from .widgets import keep_out_of_ui_config, sections, ui_fields, values_to_options, widget
 
@@ -90,16 +91,20 @@ def _build():
 # ---------------------------------------------------------------------- the controls
 def form_defaults() -> dict[str, typing.Any]:
     """The form's starting values: the config's defaults, the owner's Settings, the loaded model's size."""
-    defaults = TrainConfig().to_dict() | a1111.config_defaults()
-    side = a1111.loaded_model_size()
-    if side:
-        defaults["width"] = defaults["height"] = side
+    defaults = TrainConfig().to_dict() | settings.config_defaults()
+    model = registry.current_host().loaded_model()
+    if model is not None:
+        defaults["width"] = defaults["height"] = model.training_size
     defaults["train_encoders"] = _encoder_choice(defaults["train_encoders"])
     return defaults
 
 
 def build_controls(txt2img_params: list) -> None:
     import gradio as gr
+    host = registry.current_host()
+    if host.reason:  # a webui no adapter serves: one sentence saying what is missing, never a traceback
+        gr.HTML(_error_html(host.reason), elem_id=element_id("unsupported"))
+        return
     defaults: dict[str, typing.Any] = form_defaults()
     # The size fits the model loaded when the page loads (Gradio calls a callable value then): the webui
     # builds the page while its first checkpoint is still loading.
@@ -167,8 +172,8 @@ def build_controls(txt2img_params: list) -> None:
     stop.click(fn=_stop_clicked, inputs=[], outputs=[message], **quick)
     poll.click(fn=_poll, inputs=[status], outputs=[status, panel, gallery], **quick)
     # The host's GPU-call wrapper appends its timing to the last output, and puts None first on an error.
-    create.click(fn=a1111.wrap_gpu_call(_create_clicked, [_update()]), inputs=inputs, outputs=[task_id, message])
-    compare_button.click(fn=a1111.wrap_gpu_call(_compare_clicked, [_update()]),
+    create.click(fn=gpu_queue.wrap_gpu_call(_create_clicked, [_update()]), inputs=inputs, outputs=[task_id, message])
+    compare_button.click(fn=gpu_queue.wrap_gpu_call(_compare_clicked, [_update()]),
                          inputs=[compare_prompts, compare_checkpoints, *inputs], outputs=[grid, message])
     check.click(fn=_check_clicked, inputs=inputs, outputs=[message])
     load.click(fn=_load_clicked, inputs=[runs], outputs=[message, *[widgets[n] for n in FIELD_NAMES]], **quick)
@@ -204,7 +209,7 @@ def _update(**changes: typing.Any) -> dict[str, typing.Any]:
 
 
 def _names() -> list[str]:
-    return [""] + a1111.loaded_embedding_names()
+    return ["", *registry.current_host().loaded_embeddings()]
 
 
 def _run_choices() -> list[str]:
@@ -233,7 +238,7 @@ def values_from_config(cfg: TrainConfig) -> list:
     data = cfg.to_dict()
     data["train_encoders"] = _encoder_choice(cfg.train_encoders)
     if cfg.output_dir:
-        root = a1111.output_root().resolve()
+        root = folders.output_root().resolve()
         folder = Path(cfg.output_dir).resolve()
         data["output_dir"] = folder.relative_to(root).as_posix() if folder.is_relative_to(root) else cfg.output_dir
     return [data[name] for name in FIELD_NAMES]
@@ -285,8 +290,8 @@ def _start(args: tuple, *, resume: bool):
         if resume:
             cfg = resume_config(cfg)
         # Paths typed here are the webui user's own, as in the host's Train tab: confined like API requests only
-        # when others can reach the UI (a1111.ui_exposed).
-        cfg = runner.resolve(cfg, resume=resume, confined=a1111.ui_exposed())
+        # when others can reach the UI (folders.ui_exposed).
+        cfg = runner.resolve(cfg, resume=resume, confined=folders.ui_exposed())
         job = runner.new_job(cfg, task_id)
     except ResumeMismatch as exc:
         return _error_html(str(exc)), _update(choices=_run_choices(), value=_relative_run(exc.output_dir))
@@ -299,7 +304,7 @@ def _start(args: tuple, *, resume: bool):
 
 
 def _relative_run(output_dir: str) -> str | None:
-    root = a1111.output_root().resolve()
+    root = folders.output_root().resolve()
     folder = Path(output_dir).resolve()
     return folder.relative_to(root).as_posix() if folder.is_relative_to(root) else None
 
@@ -386,9 +391,11 @@ def _check_clicked(*args):
     """The pre-flight check: images usable and skipped, captions, trigger, sizes, memory, learning rate."""
     try:
         cfg, _ = _split(args)
-        if a1111.ui_exposed():
+        if folders.ui_exposed():
             runner.check_readable(cfg)
-        report = check(cfg, family=a1111.loaded_family(), on_cpu=a1111.computes_on_cpu())
+        model = registry.current_host().loaded_model()
+        family = model.family if model is not None and model.family in FAMILIES else None
+        report = check(cfg, family=family, on_cpu=gpu_queue.computes_on_cpu())
     except TIError as exc:
         return _error_html(str(exc))
     cls = "ti-trainer-report" if report.ok else "ti-trainer-report ti-trainer-error"
