@@ -46,17 +46,33 @@ def _add_speed(kinds) -> None:
     speed.add_argument("--gradient-checkpointing", action="store_true")
     speed.add_argument("--device", default=d.device)
     speed.add_argument("--weights", default=d.weights, choices=["auto", "fp32", "fp16", "bf16"],
-                       help="the frozen weights' dtype (auto: fp16 on a GPU, fp32 on the CPU)")
+                       help="the dtype the frozen weights load in (auto: the precision's)")
     speed.add_argument("--compile", default=d.compile, choices=COMPILE_MODES[1:],
                        help="torch.compile the UNet with this mode (default: eager)")
     speed.add_argument("--reproduce", default=d.reproduce, choices=REPRODUCTIONS[1:],
                        help="builtin: time a reproduction of the webui's built-in trainer's step instead (UNet "
                             "weight grads, gradient checkpointing), for a ratio where the webui cannot run")
     speed.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
+    webui = speed.add_argument_group("in a running webui (--engine webui)")
+    webui.add_argument("--engine", default="standalone", choices=ENGINES,
+                       help="standalone: time this process; webui: time runs inside a running webui (started with "
+                            "--api) on the checkpoint it has loaded")
+    webui.add_argument("--vs", default="", choices=["builtin"],
+                       help="--engine webui: pair each of our runs with one of the webui's own built-in trainer at "
+                            "equal settings, and print the ratio")
+    webui.add_argument("--webui-url", default="http://127.0.0.1:7860")
+    webui.add_argument("--webui-auth", help="user:password if the webui uses --api-auth")
+    webui.add_argument("--data", default="", help="--engine webui: a folder of images on the webui's machine that "
+                       "its requests may read")
+    webui.add_argument("--pairs", type=int, default=2, help="--engine webui: runs of each trainer, interleaved")
+    webui.add_argument("--webui-pid", type=int, default=0,
+                       help="--engine webui: the webui's process, for its peak RSS (default: found from the port)")
     speed.set_defaults(run=run_speed)
 
 
 def run_speed(args: argparse.Namespace) -> int:
+    if args.engine == "webui":
+        return _run_webui_speed(args)
     from ..bench import speed  # heavy: torch
 
     settings = speed.SpeedSettings(
@@ -68,6 +84,20 @@ def run_speed(args: argparse.Namespace) -> int:
     print(speed.format_report(figures))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+def _run_webui_speed(args: argparse.Namespace) -> int:
+    from ..bench import webui_speed
+
+    settings = webui_speed.WebuiSpeedSettings(
+        url=args.webui_url, auth=args.webui_auth, data_dir=args.data, resolution=args.resolution, steps=args.steps,
+        warmup=args.warmup, vectors=args.vectors, pairs=args.pairs, precision=args.precision, vs=args.vs,
+        pid=args.webui_pid)
+    report = webui_speed.run(settings, progress=say)
+    print(webui_speed.format_report(report))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 

@@ -120,6 +120,9 @@ class WebuiEngine:
         # No eval(): the host's modules stay in the mode the host keeps them in.
         return frozen_modules([self.model], eval_mode=False)
 
+    def step_modules(self) -> list[torch.nn.Module]:
+        return [self.model.model, self.model.cond_stage_model]  # the VAE (first_stage_model) is left as it is
+
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         if self.family == "sdxl":
             # sgm's UNet config asks every block to checkpoint itself: ~45% slower, only worth it when
