@@ -10,6 +10,8 @@ parts show through (hosts.md §2.3):
   it loaded stays in the manager's list, where the next generation finds and swaps it as usual.
 * ``encode_first_stage`` is an ``inference_mode`` closure returning one sample: the latent cache needs the
   distribution as ordinary tensors, so the VAE's encoder runs here, under ``no_grad``.
+* its txt2img processing reads ``p.scripts.alwayson_scripts`` whether or not scripts were given: renders
+  get an empty script runner (no extension's script runs on a preview, as in A1111).
 * the UNet is ldm_patched's: called as its ``BaseModel`` calls it (inputs cast to its compute dtype),
   with discrete timesteps, so the loss stays ours (eps or v from ``alphas_cumprod``).
 """
@@ -21,9 +23,10 @@ from collections.abc import Iterator
 
 import torch
 
+from ..engine import PreviewRequest
 from ..errors import TIError
 from .a1111 import A1111Host
-from .a1111_engine import WebuiEngine
+from .a1111_engine import WebuiEngine, render
 from .host import Host
 
 
@@ -81,6 +84,11 @@ class ReforgeEngine(WebuiEngine):
         latent_format = self.objects.unet.model.model_config.latent_format  # what the host's encode_first_stage applies
         return latent_format.process_in(mean).to(self.device), (std * latent_format.scale_factor).to(self.device)
 
+    @torch.no_grad()
+    def render_preview(self, request: PreviewRequest, token: str, vectors: dict[str, torch.Tensor]):
+        self.set_live(token, {k: v.detach() for k, v in vectors.items()})
+        return render(self.model, request, scripts=no_scripts())
+
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         if enabled:
             raise TIError("gradient_checkpointing=True has no effect in reForge (its UNet is ldm_patched's, which "
@@ -93,6 +101,20 @@ class ReforgeHost(A1111Host):
 
     name = "reForge"
     engine_type = ReforgeEngine
+
+    def txt2img(self, request: PreviewRequest):
+        from modules import shared
+
+        if shared.sd_model is None:
+            raise TIError("no checkpoint is loaded: pick one in the checkpoint list at the top of the page")
+        return render(shared.sd_model, request, scripts=no_scripts())
+
+
+def no_scripts():
+    """An empty script runner: what reForge's processing reads of ``p.scripts`` with nothing in it."""
+    from modules import scripts
+
+    return scripts.ScriptRunner()
 
 
 HOST: Host = ReforgeHost()
