@@ -128,3 +128,35 @@ def test_train_through_the_api_leaves_the_weights_and_the_embedding_is_used_in_t
     used = reforge.txt2img("a photo of rftok")
     assert "rftok" in used.get("extra_generation_params", {}).get("TI hashes", ""), used
     assert "TI hashes" not in plain.get("extra_generation_params", {}), plain
+
+
+@pytest.fixture(scope="module")
+def page(reforge):
+    chromium = os.environ.get("TI_TRAINER_CHROMIUM", "")
+    if not chromium:
+        pytest.skip("the tab in a browser: set TI_TRAINER_CHROMIUM=<a Chromium executable> (playwright installed)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the package only)")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True)
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page.set_default_timeout(120_000)
+        yield page
+        browser.close()
+
+
+def test_the_train_embedding_tab_trains_and_publishes(reforge, page):
+    from test_webui_browser import open_tab, set_value, wait_for_panel
+
+    data = draw_images(reforge.data_dir / "tab-data", 4, 64)
+    open_tab(page, reforge.base)
+    for name, value in [("name", "tabtok"), ("init_text", "a photo"), ("data_dir", data), ("steps", 4),
+                        ("learning_rate", "0.01"), ("width", 64), ("height", 64)]:
+        set_value(page, name, value)
+    page.locator("#ti_trainer_advanced").locator("button, .label-wrap").first.click()
+    for name, value in [("save_every", 2), ("preview_every", 2), ("preview_steps", 2), ("log_every", 1)]:
+        set_value(page, name, value)
+    page.locator("#ti_trainer_train").click()
+    wait_for_panel(page, r"finished[\s\S]*Step\s+4 / 4", timeout=600)
+    assert (reforge.data_dir / "embeddings" / "tabtok.safetensors").is_file()
+    used = reforge.txt2img("a photo of tabtok")
+    assert "tabtok" in used.get("extra_generation_params", {}).get("TI hashes", ""), used
