@@ -148,12 +148,13 @@ def webui(tmp_path_factory):
 
 
 @contextlib.contextmanager
-def running_webui(args: list[str], data_dir: Path, port: int, **env: str):
-    """The webui started with ``args`` (offline, its log in ``data_dir``), up and answering; stopped after."""
+def running_webui(args: list[str], data_dir: Path, port: int, cwd: str = "", **env: str):
+    """The webui started with ``args`` in ``cwd`` (default: the A1111 folder; offline, its log in ``data_dir``),
+    up and answering; stopped after."""
     log = data_dir / "webui.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **env}
     with open(log, "wb") as out:
-        proc = subprocess.Popen(args, cwd=WEBUI, stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(args, cwd=cwd or WEBUI, stdout=out, stderr=subprocess.STDOUT, env=env)
     host = Webui(f"http://127.0.0.1:{port}", log, proc, data_dir)
     try:
         _wait_until_up(host)

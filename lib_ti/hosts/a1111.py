@@ -29,6 +29,7 @@ class A1111Host:
 
     name = "AUTOMATIC1111"
     reason = ""
+    engine_type: type[WebuiEngine] = WebuiEngine  # a host with A1111's model shell may bring its own engine
 
     def engine(self) -> WebuiEngine:
         """The engine on the loaded checkpoint; refuses, before any work, where training cannot work."""
@@ -40,7 +41,7 @@ class A1111Host:
         model = shared.sd_model
         if model is None or not hasattr(model, "cond_stage_model"):
             raise TIError("no checkpoint is loaded: pick one in the checkpoint list at the top of the page")
-        return WebuiEngine(model)
+        return self.engine_type(model)
 
     def session(self, engine, token: str):
         return host_session(engine, token)
@@ -176,13 +177,22 @@ def self_check(engine: WebuiEngine, init_text: str = "a photo", prompt: str = "a
         with torch.no_grad():
             host = _host_conditioning(engine, prompt.format(init_text), size)
         diffs = {name: float((a.detach().float() - b.float()).abs().max()) for name, a, b in _pairs(ours, host)}
-        torch.stack([a.float().pow(2).sum() for _, a, _ in _pairs(ours, host)]).sum().backward()
+        probe_loss(a for _, a, _ in _pairs(ours, host)).backward()
     grads = {k: float(v.grad.norm()) if v.grad is not None else 0.0 for k, v in vectors.items()}
     ok = all(d < 1e-4 for d in diffs.values()) and all(g > 0 for g in grads.values())
     info = getattr(engine.model, "sd_checkpoint_info", None)
     return {"ok": ok, "family": engine.family, "checkpoint": getattr(info, "name", ""),
             "widths": engine.encoder_widths, "vectors": tokens, "max_abs_diff": diffs, "grad_norm": grads,
             **({"weights_digest": weights_digest([engine.model])} if weights else {})}
+
+
+def probe_loss(outputs) -> torch.Tensor:
+    """A loss whose gradient cannot vanish by construction: each output against a fixed random direction.
+    (The sum of squares cannot serve: after a final LayerNorm with unit weight and zero bias, as in a
+    freshly initialised checkpoint, every row's sum of squares is the width whatever the input.)"""
+    generator = torch.Generator().manual_seed(0)
+    terms = [(a.float() * torch.randn(a.shape, generator=generator).to(a.device)).sum() for a in outputs]
+    return torch.stack(terms).sum()
 
 
 def _host_conditioning(engine: WebuiEngine, prompt: str, size: tuple[int, int]):

@@ -16,6 +16,7 @@ from .host import Host, UnsupportedHost
 # family (detect.detect_host's kind) -> the module whose HOST serves it; imported when first needed.
 ADAPTERS: dict[str, str] = {
     "a1111": "lib_ti.hosts.a1111",
+    "reforge": "lib_ti.hosts.reforge",
 }
 
 
