@@ -6,7 +6,7 @@
 // (requestProgress, as txt2img does): after a page reload the active run shows again by itself.
 // It also gives the tab the full width of the Train tab while it is the selected sub-tab.
 
-var ti_trainer = {attached: null, timer: null, last: null, ended: {}};
+var ti_trainer = {attached: null, timer: null, last: null, ended: {}, cards_stale: false};
 
 function ti_trainer_el(name) {
     return gradioApp().getElementById('ti_trainer_' + name);
@@ -41,6 +41,8 @@ function ti_trainer_attach(status) {
     var anchor = ti_trainer_el('progressbar');
     var live = ti_trainer_el('live');
     if (!anchor || typeof requestProgress !== 'function') return;
+    // The host's settings not read yet (a page just loaded): its bar would come out hidden (show_progressbar).
+    if (typeof opts === 'undefined' || opts.show_progressbar === undefined) return;
     ti_trainer.attached = status.task_id;
     if (live) live.classList.add('ti-trainer-live-on');
     var task = status.task_id;
@@ -74,6 +76,18 @@ function ti_trainer_refresh_cards() {
 function ti_trainer_tick() {
     var status = ti_trainer_status();
     if (ti_trainer.last && ti_trainer.last.active && ti_trainer.last.run_id === status.run_id && !status.active) {
+        ti_trainer.cards_stale = true;
+        // "Training x: the run panel below follows it" is over: the panel has the outcome (errors stay).
+        var message = ti_trainer_el('message');
+        if (message) message.querySelectorAll('.ti-trainer-info').forEach(function(node) {
+            node.remove();
+        });
+    }
+    // The cards' refresh is a queued host event (a websocket): done when the user may look at the cards (not
+    // on our tab), else at the user's next tab click; a page closed or reloaded during its handshake logs a
+    // WebSocketDisconnect traceback in the webui's console.
+    if (ti_trainer.cards_stale && !ti_trainer_visible()) {
+        ti_trainer.cards_stale = false;
         ti_trainer_refresh_cards();
     }
     ti_trainer.last = status;
@@ -81,6 +95,12 @@ function ti_trainer_tick() {
     var poll = ti_trainer_el('poll');
     if (poll) poll.click();
     ti_trainer_attach(status);
+    // The poll's answer (a run found after a reload) attaches the bar as soon as it came, not at the next tick.
+    [300, 700, 1200].forEach(function(ms) {
+        setTimeout(function() {
+            ti_trainer_attach(ti_trainer_status());
+        }, ms);
+    });
 }
 
 function ti_trainer_poll_soon() {
@@ -102,22 +122,21 @@ function ti_trainer_layout() {
     if (row) row.classList.toggle('ti-trainer-wide', ours);
 }
 
+// The user's clicks only (a tab change may show or hide our tab): the hidden Poll button and the cards'
+// refresh are clicked by this script, and a tick answering those clicks would click again, doubling the
+// timers each time until the page's own timers, the host's progress bar among them, starve. (Not "a click
+// inside .tab-nav": Gradio replaces the clicked tab button before the click bubbles up here.)
+function ti_trainer_on_tab_click(event) {
+    if (!event.isTrusted) return;
+    setTimeout(ti_trainer_layout, 50);
+    setTimeout(ti_trainer_tick, 60);
+}
+
 onUiLoaded(function() {
     ti_trainer_layout();
     ti_trainer_tick();
     ti_trainer.timer = setInterval(ti_trainer_tick, 1500);
-    var tabs = gradioApp().getElementById('train_tabs');
-    if (tabs) {
-        tabs.addEventListener('click', function() {
-            setTimeout(ti_trainer_layout, 50);
-            setTimeout(ti_trainer_tick, 60);
-        });
-    }
-    var top = gradioApp().getElementById('tabs');
-    if (top) {
-        top.addEventListener('click', function() {
-            setTimeout(ti_trainer_layout, 50);
-            setTimeout(ti_trainer_tick, 60);
-        });
-    }
+    // #train_tabs lies inside #tabs: one listener sees the clicks of both.
+    var top = gradioApp().getElementById('tabs') || gradioApp().getElementById('train_tabs');
+    if (top) top.addEventListener('click', ti_trainer_on_tab_click);
 });

@@ -98,7 +98,11 @@ class TrainConfig:
                              section=TRAINING, resume=True)
     min_snr_gamma: float = option(0.0, "0 = off; 5 is the usual value (Hang et al. 2023)", label="Min-SNR gamma",
                                   section=TRAINING)
-    precision: Precision = option("auto", "autocast dtype: auto = bf16/fp16 on GPU, fp32 on CPU", section=TRAINING,
+    precision: Precision = option("auto", "compute dtype: bf16 = the frozen weights held in bfloat16 for the run "
+                                  "(in the webui restored bit for bit after), vectors, optimizer and loss float32: "
+                                  "about 2x fp32 on CPUs with AVX-512 BF16 or AMX, and GPUs; fp16 = GPU, with "
+                                  "loss scaling; auto = bf16 (fp16 where it lacks bf16) on a GPU, fp32 on a CPU",
+                                  section=TRAINING,
                                   setting=True)
     gradient_checkpointing: bool = option(False, "trade ~45% speed for memory; only when memory asks",
                                           section=TRAINING)

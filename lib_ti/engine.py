@@ -47,6 +47,10 @@ class Engine(Protocol):
     def frozen(self) -> Any:
         """Context manager: every model weight has requires_grad False inside, restored after."""
 
+    def step_modules(self) -> list[torch.nn.Module]:
+        """The frozen modules a training step runs (UNet and text encoders; not the VAE, which only caches
+        latents): what a bf16 run holds in bfloat16 (``halves.held_in_bf16``)."""
+
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute activations in backward: less memory, about 45% more compute."""
 

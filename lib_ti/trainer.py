@@ -53,9 +53,11 @@ from .errors import TIError, WriteError
 from .fileio import atomic_path
 from .formats.embeddings import load_embedding, save_embedding
 from .formats.lora import kohya_metadata, save_lora
+from .halves import held_in_bf16
 from .latents import LatentCache
 from .lora import Adapters
 from .losslog import LossLog
+from .profiling import StepProfiler
 from .runfolder import RunLock, check_new_run, check_run, sweep
 from .schedule import parse_schedule
 
@@ -77,14 +79,16 @@ def train(engine: Engine, cfg: TrainConfig, *, data: TrainingData | None = None,
     """
     emit = on_event or (lambda _event: None)
     t_start = time.perf_counter()
+    precision = autocast_dtype(cfg.precision, engine.device)  # a dtype the device cannot do is refused first
     check_run(cfg, resume=resume)
     data = data or prepare_data(cfg)
     with RunLock(cfg.run_dir):
         sweep(cfg.run_dir, cfg.name)
-        with engine.frozen():
+        with engine.frozen(), held_weights(engine, precision) as held:
             engine.set_gradient_checkpointing(cfg.gradient_checkpointing)
             run = _Run.resume(engine, cfg, data, emit) if resume else _Run.start(engine, cfg, data, emit)
-            emit(events.Started(run.step, run.total, data.num_images, len(data.samples), [*data.notes, *run.notes],
+            notes = [*data.notes, *run.notes, *compute_notes(engine, held)]
+            emit(events.Started(run.step, run.total, data.num_images, len(data.samples), notes,
                                 time.perf_counter() - t_start))
             with run.adapters_attached():
                 reason = run.loop_keeping_progress(should_stop)
@@ -93,6 +97,28 @@ def train(engine: Engine, cfg: TrainConfig, *, data: TrainingData | None = None,
                            run.skipped, run.final_lora)
     emit(result)
     return result
+
+
+@contextlib.contextmanager
+def held_weights(engine: Engine, precision: torch.dtype) -> Iterator[int]:
+    """A bf16 run holds the step's frozen weights in bfloat16 (the matmul and conv layers; weights loaded
+    as bf16 stay as they are), so that autocast has nothing to re-cast each step; they are restored bit for
+    bit afterwards, which matters in the webui, whose model the run borrows. Yields how many it converted."""
+    if precision != torch.bfloat16:
+        yield 0
+        return
+    with held_in_bf16(engine.step_modules()) as count:
+        yield count
+
+
+def compute_notes(engine: Engine, held: int) -> list[str]:
+    """What the run computes with, for the run panel: the CPU threads (the speed depends on them), the weights
+    a bf16 run converted."""
+    notes = [f"computing on the CPU with {torch.get_num_threads()} threads"] if engine.device.type == "cpu" else []
+    if held:
+        notes.append(f"precision bf16: {held} weight tensors held in bfloat16 for the run (restored bit for bit "
+                     "after)")
+    return notes
 
 
 @dataclass
@@ -206,13 +232,16 @@ class _Run:
 
     def loop(self, should_stop: Callable[[], bool]) -> str:
         timer = _Timer(self.cfg.batch_size * self.cfg.grad_accum)
+        profiler = StepProfiler(self.run_dir, self.engine.step_modules())
         while self.step < self.total:
             if should_stop():
                 return "stopped"
+            profiler.before(self.step + 1)
             lr = self.set_rates()
             loss = functools.reduce(operator.add, [self.backward(micro) for micro in range(self.cfg.grad_accum)])
             self.optimizer_step(loss)
             self.step += 1
+            profiler.after(self.step)
             timer.tick()
             self.report(loss, lr, timer)
             if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total:
@@ -371,7 +400,9 @@ class _Run:
     def preview(self) -> None:
         request = preview_request(self.cfg, self.data)
         try:
-            with torch.no_grad():
+            # Under the run's autocast when the weights are bf16: the host renders with its own dtype otherwise.
+            with torch.no_grad(), torch.autocast(self.engine.device.type, dtype=torch.bfloat16,
+                                                 enabled=self.precision == torch.bfloat16):
                 image = self.engine.render_preview(request, self.cfg.name, self.vectors)
         except Exception as exc:  # a broken preview must not cost the user the training run
             self.emit(events.Warning(self.step, f"preview at step {self.step} failed: {type(exc).__name__}: {exc}"))

@@ -74,12 +74,14 @@ def test_detection_reads_capabilities_not_names():
     assert str(detect_host({}, ForgeDiffusionEngine())) == "a1111"
 
 
-def test_a1111_and_forge_get_their_adapters_and_every_other_family_one_sentence():
+def test_a1111_forge_and_reforge_get_their_adapters_and_every_other_family_one_sentence():
     host = registry.host_for(detect_host(A1111_MODULES, a1111_model()))
     assert isinstance(host, Host) and host.name == "AUTOMATIC1111" and host.reason == ""
+    host = registry.host_for(detect_host(REFORGE_MODULES, reforge_model()))
+    assert isinstance(host, Host) and host.name == "reForge" and host.reason == ""
     forge = registry.host_for(detect_host(FORGE_MODULES, forge_model()))
     assert isinstance(forge, Host) and forge.name == "Forge" and forge.reason == ""
-    for modules, model in [(REFORGE_MODULES, reforge_model()), ({}, sdnext_model()), ({}, None)]:
+    for modules, model in [({}, sdnext_model()), ({}, None)]:
         host = registry.host_for(detect_host(modules, model))
         assert isinstance(host, UnsupportedHost) and isinstance(host, Host)
         assert host.reason.startswith("cannot train in ") and host.reason.count(". ") == 0  # one sentence

@@ -183,6 +183,69 @@ def test_bench_quality_through_a_webui_that_is_not_there_says_so(tmp_path, cli):
     assert code == 2 and "--model is for --engine standalone" in err, err
 
 
+# The host's train_embedding signature (modules/textual_inversion/textual_inversion.py, v1.10.1): its API needs all.
+HOST_TRAIN_ARGS = (
+    "id_task embedding_name learn_rate batch_size gradient_step data_root log_directory training_width training_height "
+    "varsize steps clip_grad_mode clip_grad_value shuffle_tags tag_drop_out latent_sampling_method use_weight "
+    "create_image_every save_embedding_every template_filename save_image_with_stored_embedding preview_from_txt2img "
+    "preview_prompt preview_negative_prompt preview_steps preview_sampler_name preview_cfg_scale preview_seed "
+    "preview_width preview_height").split()
+
+
+def test_the_builtin_driver_reads_the_hosts_step_files(tmp_path, cli):
+    from safetensors.torch import load_file
+
+    from lib_ti.micro import webui_builtin
+    from lib_ti.micro.quality import QualityConfig
+    from lib_ti.remote import builtin
+
+    cfg = QualityConfig(steps=200, eval_every=100)
+    settings = webui_builtin.builtin_settings(cfg, "builtin-triangle", tmp_path / "images", tmp_path / "log")
+    assert list(settings) == HOST_TRAIN_ARGS
+    assert (settings["learn_rate"], settings["template_filename"], settings["latent_sampling_method"],
+            settings["batch_size"], settings["save_embedding_every"]) == ("0.005", "subject.txt", "once", 1, 100)
+    # the host's step files, as its Embedding.save writes them, under <log>/<date>/<name>/embeddings/
+    folder = tmp_path / "log" / "2026-12-02" / "builtin-triangle" / "embeddings"
+    folder.mkdir(parents=True)
+    vectors = {}
+    for step in (100, 200):
+        vectors[step] = torch.randn(1, 32)
+        torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": vectors[step].requires_grad_()},
+                    "name": f"builtin-triangle-{step}", "step": step - 1}, folder / f"builtin-triangle-{step}.pt")
+    (folder / "builtin-triangle-100.pt.optim").write_bytes(b"not an embedding")
+    files = builtin.step_files(tmp_path / "log", "builtin-triangle")
+    assert sorted(files) == [100, 200]
+    out = builtin.convert(files[200], tmp_path / "scratch" / "builtin-triangle-200.safetensors")
+    (tensor,) = load_file(out).values()  # one key: the host loads it by the file's stem
+    assert out.stem == "builtin-triangle-200" and torch.equal(tensor, vectors[200].detach())
+    code, _, err = cli("bench", "quality", "--engine", "webui-builtin", "--train-set", "template=captions")
+    assert code == 2 and "runs the webui's own trainer at its defaults" in err, err
+
+
+def test_milestones_name_the_first_step_meeting_both_targets_and_the_best_figures():
+    from lib_ti.micro.quality import milestones
+
+    rows = [{"step": 0, "shape": 0.9, "colour": 0.9}, {"step": 100, "shape": 0.85, "colour": 0.7},
+            {"step": 200, "shape": 0.8, "colour": 0.82}, {"step": 300, "shape": 0.95, "colour": 0.81},
+            {"step": None, "shape": 1.0, "colour": 0.9}]
+    m = milestones(rows)
+    assert m["first_step_shape_and_colour"] == 200  # the init word's and the plain word's rows do not count
+    assert m["best_shape"] == {"step": 300, "shape": 0.95, "other": 0.81}
+    assert m["best_colour"] == {"step": 200, "colour": 0.82, "other": 0.8}
+    assert milestones(rows[:2])["first_step_shape_and_colour"] is None
+
+
+def test_eval_at_scores_the_named_checkpoints_which_must_be_saved_ones():
+    from lib_ti.errors import TIError
+    from lib_ti.micro.quality import QualityConfig
+
+    assert QualityConfig(steps=1000, eval_every=25, eval_at=(100, 25, 1000)).eval_steps == [25, 100, 1000]
+    assert QualityConfig(steps=300, eval_every=100).eval_steps == [100, 200, 300]
+    for bad in (30, 1025, 0):  # not saved (not a multiple of the interval), past the end, before the start
+        with pytest.raises(TIError, match=f"--eval-at {bad} is invalid"):
+            QualityConfig(steps=1000, eval_every=25, eval_at=(25, bad))
+
+
 def test_bench_quality_compares_trainer_settings_but_keeps_its_own(tmp_path):
     from lib_ti.errors import TIError
     from lib_ti.micro.quality import QualityConfig, parse_train_settings, train_config, write_concept_images

@@ -106,3 +106,13 @@ def test_score_command_ranks_every_checkpoint_of_a_micro_run(tiny_clip, tmp_path
     missing = subprocess.run([sys.executable, "-m", "lib_ti", "score", "--run", str(run), "--clip",
                               str(tmp_path / "no-clip")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "hf download" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_clip_loads_where_diffusers_is_not_installed(tiny_clip, monkeypatch):
+    """The webui has transformers but no diffusers: scoring in the tab loads CLIP with transformers alone."""
+    import sys
+
+    for module in ("diffusers", "diffusers.utils", "diffusers.utils.logging"):
+        monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    clip = load_clip(str(tiny_clip))
+    assert clip.text_features(["a red shape"]).shape == (1, 16)

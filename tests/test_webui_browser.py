@@ -15,6 +15,7 @@ and a txt2img with a checkpoint's name listing that checkpoint in "TI hashes".
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -68,12 +69,19 @@ def webui(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(webui):
+    with chromium_page(CHROMIUM, timeout_ms=60_000) as page:
+        yield page
+
+
+@contextlib.contextmanager
+def chromium_page(executable: str, timeout_ms: int):
+    """A 1600x1000 page in headless Chromium launched from ``executable`` (playwright never downloads one)."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="browser tier: pip install playwright (the "
                                    "package only: Chromium comes from TI_TRAINER_CHROMIUM)")
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
+        browser = p.chromium.launch(executable_path=executable, headless=True)
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
-        page.set_default_timeout(60_000)
+        page.set_default_timeout(timeout_ms)
         yield page
         browser.close()
 
@@ -116,6 +124,14 @@ def wait_for_panel(page, pattern: str, timeout: float = 120) -> str:
     raise AssertionError(f"the run panel never showed {pattern!r}; it shows: {text}")
 
 
+def poll_clicks(page, seconds: float) -> int:
+    """How often the page script clicks its hidden Poll button in ``seconds`` (every 1.5 s when healthy)."""
+    page.evaluate("window.__ti_polls = 0; document.querySelector('#ti_trainer_poll')"
+                  ".addEventListener('click', () => window.__ti_polls++)")
+    page.wait_for_timeout(seconds * 1000)
+    return page.evaluate("window.__ti_polls")
+
+
 def message(page) -> str:
     return page.locator("#ti_trainer_message.prose").inner_text()
 
@@ -124,14 +140,14 @@ def test_the_tab_journey_in_a_browser(webui, page):
     base = webui.base
     open_tab(page, base)
     shot(page, "01-tab")
-    assert not page.locator("#ti_gallery_container").is_visible()  # the host's own output column is hidden
+    page.locator("#ti_gallery_container").wait_for(state="hidden", timeout=5_000)  # the host's output column
     settings, panel = page.locator("#ti_trainer_settings").bounding_box(), page.locator("#ti_trainer_panel")
     assert panel.bounding_box()["x"] > settings["x"] + settings["width"] - 1  # two columns, panel on the right
     assert panel.bounding_box()["x"] + panel.bounding_box()["width"] > 1400  # the full width of the page
     assert field(page, "width").input_value() == "64"  # the micro model's own size
     for click in ("#train_tabs > .tab-nav button:has-text('Train'):not(:has-text('Embedding'))",):
         page.locator(click).first.click()
-        assert page.locator("#ti_gallery_container").is_visible()  # the host's Train tab keeps its column
+        page.locator("#ti_gallery_container").wait_for(state="visible", timeout=5_000)  # the host's tab keeps it
     page.locator("#train_tabs > .tab-nav button", has_text="Train Embedding").click()
 
     for name, value in [("name", NAME), ("init_text", "a photo"), ("data_dir", webui.data_dir / "ti-data"),
@@ -141,6 +157,10 @@ def test_the_tab_journey_in_a_browser(webui, page):
     for name, value in [("save_every", 20), ("preview_every", 20), ("preview_steps", 2), ("keep_last", 1),
                         ("log_every", 1)]:
         set_value(page, name, value)
+    assert poll_clicks(page, 6.0) <= 8  # the panel's poll keeps its pace (once a click storm starved the page)
+    page.evaluate("window.scrollTo(0, document.body.scrollHeight)")  # Advanced open: the settings scroll ...
+    assert page.locator("#ti_trainer_train").bounding_box()["y"] >= 0  # ... the run panel's buttons stay in view
+    page.evaluate("window.scrollTo(0, 0)")
     page.locator("#ti_trainer_train").click()
 
     bar = page.locator("#ti_trainer_panel .progressDiv .progress")
@@ -161,7 +181,7 @@ def test_the_tab_journey_in_a_browser(webui, page):
     open_tab(page, base)
     wait_for_panel(page, rf"{NAME}[\s\S]*training")  # the run is back after the reload, with its settings
     assert "ti-data" in page.locator("#ti_trainer_run.prose details").text_content()  # the run's own settings
-    assert bar.is_visible()
+    bar.wait_for(state="visible", timeout=5_000)  # the host's bar follows the run again
     page.locator("#ti_trainer_gallery img").first.wait_for(state="visible")  # its previews
     shot(page, "03-after-reload")
     page.locator("#ti_trainer_stop").click()
@@ -184,6 +204,10 @@ def test_the_tab_journey_in_a_browser(webui, page):
     wait_for_panel(page, r"training")
     wait_for_panel(page, rf"finished[\s\S]*Step\s+{STEPS} / {STEPS}", timeout=600)
     shot(page, "06-resumed-finished")
+    # The host's bar goes with the run (it once stayed on a stale step), no error is shown, the form keeps its values.
+    page.wait_for_function("!document.querySelector('#ti_trainer_panel .progressDiv')", timeout=15_000)
+    assert page.locator("#ti_trainer_panel .ti-trainer-error:visible, #ti_trainer_panel .error:visible").count() == 0
+    assert page.locator("#ti_trainer_mode input").first.input_value() == "embedding"
     code, status = webui.call("GET", "/ti-trainer/v1/status")
     assert code == 200 and status["state"] == "finished" and status["step"] == STEPS, status
     saved = json.loads(json.dumps(status))
@@ -196,6 +220,8 @@ def test_the_tab_journey_in_a_browser(webui, page):
     assert card.locator("img").count() == 1  # its preview, from the image beside the file
     checkpoint = f"{NAME}-{stopped_at // 20 * 20}" if stopped_at >= 20 else f"{NAME}-{STEPS}"
     assert page.locator(f"#txt2img_textual_inversion_cards .card[data-name='{checkpoint}']").count() == 1
+    # The stop's own checkpoint (between previews) shows the run's last preview, as the final embedding does.
+    assert page.locator(f"#txt2img_textual_inversion_cards .card[data-name='{NAME}-{stopped_at}'] img").count() == 1
     shot(page, "07-cards")
     info = webui.txt2img(f"a photo of {checkpoint}")
     assert checkpoint in info["infotexts"][0].split("TI hashes:")[1], info["infotexts"][0]

@@ -260,34 +260,42 @@ def fake_shared(monkeypatch):
 
 def _host_eta(state, now: float) -> float:
     """The host's own ETA (modules/progress.py progressapi, v1.10.1) from the job state."""
-    progress = min(state.job_no / state.job_count, 1)
+    progress = state.job_no / state.job_count
+    if state.sampling_steps > 0:
+        progress += state.sampling_step / state.sampling_steps / state.job_count
+    progress = min(progress, 1)
     elapsed = now - state.time_start
     return elapsed / progress - elapsed
 
 
-def test_the_host_bar_shows_plain_text_and_this_sessions_eta(fake_shared, monkeypatch):
+def test_the_host_bar_shows_plain_text_and_the_runs_own_eta(fake_shared, monkeypatch):
     import time
 
     clock = [5000.0]
     monkeypatch.setattr(time, "time", lambda: clock[0])
     gpu_queue.progress_begin(100, 40, "tok")  # a resumed run: 40 steps were done before, data loading took long
-    clock[0] += 30.0  # 30 s for 10 steps of this session: the 50 steps left take 150 s
-    gpu_queue.progress_step(50, 100, "tok")
     state = fake_shared.state
+    assert state.job_count == 0 and "step 40/100" in state.textinfo  # no fraction yet: the host's ETA would be 0 s
+    clock[0] += 30.0
+    gpu_queue.progress_step(50, 100, "tok")
     assert state.job_no == 50 and state.job_count == 100
     assert "<" not in state.textinfo and "\n" not in state.textinfo and "step 50/100" in state.textinfo
+    gpu_queue.progress_eta(150.0)
     assert _host_eta(state, clock[0]) == pytest.approx(150.0)
-    clock[0] += 90.0  # 20 more steps in 90 s: slower now, (30 + 90) s / 30 steps x 30 left
-    gpu_queue.progress_step(70, 100, "tok")
+    state.sampling_step, state.sampling_steps = 5, 10  # a preview render: the host counts its sampling steps too
+    gpu_queue.progress_eta(120.0)
     assert _host_eta(state, clock[0]) == pytest.approx(120.0)
     gpu_queue.progress_end()
     assert state.time_start == 1000.0  # the host logs the job's real duration
 
 
-def test_eta_is_left_to_the_host_before_the_first_step_and_at_the_end():
-    assert gpu_queue.host_time_start(10.0, 0.0, 5, 5, 100) is None
-    assert gpu_queue.host_time_start(10.0, 0.0, 0, 100, 100) is None
-    assert gpu_queue.host_time_start(10.0, 0.0, 0, 10, 100) == pytest.approx(0.0)  # a fresh run: the host's own ETA
+def test_eta_is_left_to_the_host_before_the_first_step_and_at_the_end(fake_shared):
+    assert gpu_queue.host_time_start(10.0, 5.0, 0.0) is None
+    assert gpu_queue.host_time_start(10.0, 5.0, 1.0) is None
+    assert gpu_queue.host_time_start(10.0, 9.0, 0.5) == pytest.approx(1.0)
+    gpu_queue.progress_begin(100, 0, "tok")
+    gpu_queue.progress_eta(None)  # no step timed yet
+    assert fake_shared.state.time_start == 1000.0
 
 
 @pytest.mark.parametrize("flag", gpu_queue.STOP_FLAGS)
@@ -375,7 +383,7 @@ def test_the_run_panel_is_polled_from_the_server_after_a_reload(host_folders, no
     status, panel, gallery = webui_tab._poll("{}")  # a fresh page: no state of its own
     assert json.loads(status) == {"run_id": job.run_id, "task_id": "task(abc)", "state": "running", "active": True,
                                   "previews": 1}
-    assert "tok" in panel and "10 / 100" in panel and "0.1250" in panel and "0:45" in panel and "/data/tok" in panel
+    assert "tok" in panel and "10 / 100" in panel and "0.1250" in panel and "ETA" in panel and "/data/tok" in panel
     assert gallery["value"] == [(str(Path("previews/tok-10.png")), "step 10")]
     assert webui_tab._poll(status)[2] == {"__type__": "update"}  # previews unchanged: the gallery is left alone
     assert "Stopping tok" in webui_tab._stop_clicked() and job.should_stop()  # Stop from the reloaded page
@@ -474,6 +482,32 @@ def test_published_checkpoints_stay_and_carry_their_previews(host_folders, monke
     assert registered[-1] == "tok.safetensors" and "tok-3.safetensors" in registered
 
 
+def test_a_stopped_runs_last_checkpoint_shows_the_runs_last_preview(host_folders, monkeypatch):
+    """A stop between previews: its checkpoint (the final embedding's vectors) gets the card preview the
+    final embedding gets, never "NO PREVIEW" next to cards that have one."""
+    from lib_ti.checkpoints import checkpoint_dir
+
+    monkeypatch.setattr(folders, "checkpoint_subdir", lambda: "ti-trainer")
+    monkeypatch.setattr(gpu_queue, "progress_image", lambda image: None)
+    cfg = runner.resolve(TrainConfig(name="tok", data_dir=str(host_folders / "data")), resume=False)
+    publisher = runner._Publisher(Job("tok-1", "tok"), cfg, registry.current_host())
+    folder = checkpoint_dir(cfg.run_dir)
+    folder.mkdir(parents=True)
+    (cfg.run_dir / "previews").mkdir()
+    preview = cfg.run_dir / "previews" / "tok-20.png"
+    preview.write_bytes(b"png 20")
+    publisher.handle(events.Preview(20, preview, image=None))
+    ckpt = folder / "tok-23.safetensors"  # stopped at step 23
+    ckpt.write_bytes(b"embedding 23")
+    final = cfg.run_dir / "tok.safetensors"
+    final.write_bytes(b"final")
+    publisher.handle(events.Saved(23, final, is_final=True, checkpoint=ckpt))
+    publisher.publish_final()
+    copies = host_folders / "embeddings" / "ti-trainer" / "tok"
+    assert (copies / "tok-23.preview.png").read_bytes() == b"png 20"
+    assert (host_folders / "embeddings" / "tok.preview.png").read_bytes() == b"png 20"
+
+
 # ---------------------------------------------------------------------- the comparison grid
 def test_grid_prompts_name_each_checkpoint():
     from lib_ti.hosts import compare
@@ -549,6 +583,39 @@ def test_scoring_in_the_webui_waits_for_training_and_tables_the_scores(tmp_path,
     assert "Recommended: step 200, `a/tok-200.safetensors`" in table
 
 
+def test_score_button_scores_the_chosen_run_and_says_how_to_get_a_clip(host_folders, no_jobs, monkeypatch):
+    from lib_ti.hosts import scoring
+    from lib_ti.scoring.score import CheckpointScore, ScoreReport
+
+    for name in ("tok", "other"):  # two runs on disk: the form names one, Saved run the other
+        run = host_folders / "runs" / name
+        (run / "checkpoints").mkdir(parents=True)
+        TrainConfig(name=name, data_dir=str(host_folders / "data")).save(run / "config.yaml")
+        (run / "checkpoints" / f"{name}-100.safetensors").write_bytes(b"x")
+    monkeypatch.setattr(registry, "current_host", lambda: pytest.fail("the host was touched before CLIP was found"))
+    grid, table, message = webui_tab._score_clicked(None, str(host_folders / "no-clip"), *_form_args(name="tok"))
+    assert "ti-trainer-error" in message and "no CLIP model" in message and "hf download" in message
+    assert "CLIP model (Score checkpoints" in message and "--clip" not in message  # the tab's box, not the CLI flag
+    scored = []
+
+    def score_run_folder(folder, *, clip):
+        scored.append((Path(folder), clip))
+        rows = [CheckpointScore(100, "c/tok-100.safetensors", 0.6, 0.3, 1.0),
+                CheckpointScore(200, "c/tok-200.safetensors", 0.7, 0.25, 1.2)]
+        return ScoreReport(str(folder), "tok", clip, "a tok", ["a [name]"], 2, 5, rows, 200, grid="g/grid.png")
+
+    monkeypatch.setattr(scoring, "score_run_folder", score_run_folder)
+    grid, table, message = webui_tab._score_clicked("other", " ", *_form_args(name="tok"))
+    assert scored == [(host_folders / "runs" / "other", scoring.DEFAULT_CLIP)]  # Saved run wins; empty box: default
+    assert grid == "g/grid.png" and "**200** (recommended)" in table and "step 200 recommended" in message
+    webui_tab._score_clicked("", "my/clip", *_form_args(name="tok"))
+    assert scored[-1] == (host_folders / "runs" / "tok", "my/clip")  # no Saved run: the form's run
+    active = runner.new_job(TrainConfig(name="busy"))
+    active.state = "running"
+    _, _, message = webui_tab._score_clicked("", "my/clip", *_form_args(name="tok"))
+    assert "already active" in message and len(scored) == 2  # refused at once, nothing scored
+
+
 def test_pivotal_run_publishes_its_lora_and_protects_an_existing_one(host_folders, monkeypatch, tmp_path):
     loras = host_folders / "models" / "Lora"
     monkeypatch.setattr(folders, "lora_dir", lambda: loras)
@@ -557,9 +624,13 @@ def test_pivotal_run_publishes_its_lora_and_protects_an_existing_one(host_folder
     monkeypatch.setattr(folders, "publish_lora", lambda path, target: published.append((path, target)) or target)
     cfg = TrainConfig(name="tok", data_dir=str(host_folders / "data"), mode="pivotal")
     publisher = runner._Publisher(Job("tok-1", "tok"), cfg, registry.current_host())
-    monkeypatch.setattr(publisher, "_publish_checkpoint", lambda step, path: None)
+    monkeypatch.setattr(publisher, "_publish_checkpoint", lambda step, path, is_final: None)
     publisher.handle(events.Saved(4, tmp_path / "tok.safetensors", True, None, tmp_path / "tok-lora.safetensors"))
     publisher.publish_final()
+    publisher.job.finish(stopped=False)
+    outcome = publisher.job.outcome_html()  # the run panel names both files and how a prompt uses them
+    assert str(loras / "tok.safetensors") in outcome and "&lt;lora:tok:1&gt;" in outcome
+    assert publisher.job.status()["lora_path"] == str(loras / "tok.safetensors")
     assert published == [(tmp_path / "tok.safetensors", host_folders / "embeddings" / "tok.safetensors"),
                          (tmp_path / "tok-lora.safetensors", loras / "tok.safetensors")]  # <lora:tok:1> and tok
     loras.mkdir(parents=True)

@@ -50,7 +50,7 @@ class SpeedSettings:
     precision: Precision = "auto"
     gradient_checkpointing: bool = False
     device: str = "auto"
-    weights: str = "auto"  # the frozen weights' dtype: auto (fp16 on a GPU, fp32 on the CPU), fp32, fp16, bf16
+    weights: str = "auto"  # the frozen weights' dtype: auto (the precision's), fp32, fp16, bf16
     compile: str = ""  # "" (eager) or a torch.compile mode for the UNet
     reproduce: str = ""  # "" (this trainer) or "builtin"
 
@@ -108,9 +108,9 @@ def measure_speed(args: SpeedSettings, device: torch.device, tmp: Path) -> dict:
 
 def build_engine(args: SpeedSettings, device: torch.device, tmp: Path):
     """The engine to time and its label: a model from disk, a tiny model, or a real architecture (random weights)."""
-    dtype = weights_dtype(args.weights, device)
+    dtype = weights_dtype(args.weights, device, args.precision)
     if args.model:
-        return load_engine(args.model, device, args.weights), Path(args.model).name
+        return load_engine(args.model, device, args.weights, precision=args.precision), Path(args.model).name
     if args.arch in TINY_ARCHES:
         path = build_tiny_model(args.arch.removeprefix("tiny-"), tmp / args.arch)
         return StandaloneEngine.load(path, device=device, dtype=dtype), f"{args.arch} (random weights)"

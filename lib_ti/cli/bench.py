@@ -12,7 +12,9 @@ from pathlib import Path
 
 from ..errors import TIError, say
 
-ENGINES = ("standalone", "webui")  # who runs the quality benchmark's loop: this process, or a running webui
+# Who runs the quality benchmark's loop: this process, a running webui with this extension, or that webui's own
+# built-in trainer (the yardstick to beat).
+ENGINES = ("standalone", "webui", "webui-builtin")
 
 
 def add_parser(sub) -> None:
@@ -44,17 +46,33 @@ def _add_speed(kinds) -> None:
     speed.add_argument("--gradient-checkpointing", action="store_true")
     speed.add_argument("--device", default=d.device)
     speed.add_argument("--weights", default=d.weights, choices=["auto", "fp32", "fp16", "bf16"],
-                       help="the frozen weights' dtype (auto: fp16 on a GPU, fp32 on the CPU)")
+                       help="the dtype the frozen weights load in (auto: the precision's)")
     speed.add_argument("--compile", default=d.compile, choices=COMPILE_MODES[1:],
                        help="torch.compile the UNet with this mode (default: eager)")
     speed.add_argument("--reproduce", default=d.reproduce, choices=REPRODUCTIONS[1:],
                        help="builtin: time a reproduction of the webui's built-in trainer's step instead (UNet "
                             "weight grads, gradient checkpointing), for a ratio where the webui cannot run")
     speed.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
+    webui = speed.add_argument_group("in a running webui (--engine webui)")
+    webui.add_argument("--engine", default="standalone", choices=ENGINES,
+                       help="standalone: time this process; webui: time runs inside a running webui (started with "
+                            "--api) on the checkpoint it has loaded")
+    webui.add_argument("--vs", default="", choices=["builtin"],
+                       help="--engine webui: pair each of our runs with one of the webui's own built-in trainer at "
+                            "equal settings, and print the ratio")
+    webui.add_argument("--webui-url", default="http://127.0.0.1:7860")
+    webui.add_argument("--webui-auth", help="user:password if the webui uses --api-auth")
+    webui.add_argument("--data", default="", help="--engine webui: a folder of images on the webui's machine that "
+                       "its requests may read")
+    webui.add_argument("--pairs", type=int, default=2, help="--engine webui: runs of each trainer, interleaved")
+    webui.add_argument("--webui-pid", type=int, default=0,
+                       help="--engine webui: the webui's process, for its peak RSS (default: found from the port)")
     speed.set_defaults(run=run_speed)
 
 
 def run_speed(args: argparse.Namespace) -> int:
+    if args.engine == "webui":
+        return _run_webui_speed(args)
     from ..bench import speed  # heavy: torch
 
     settings = speed.SpeedSettings(
@@ -66,6 +84,20 @@ def run_speed(args: argparse.Namespace) -> int:
     print(speed.format_report(figures))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+def _run_webui_speed(args: argparse.Namespace) -> int:
+    from ..bench import webui_speed
+
+    settings = webui_speed.WebuiSpeedSettings(
+        url=args.webui_url, auth=args.webui_auth, data_dir=args.data, resolution=args.resolution, steps=args.steps,
+        warmup=args.warmup, vectors=args.vectors, pairs=args.pairs, precision=args.precision, vs=args.vs,
+        pid=args.webui_pid)
+    report = webui_speed.run(settings, progress=say)
+    print(webui_speed.format_report(report))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 
@@ -103,10 +135,12 @@ def _add_quality(kinds) -> None:
                                "(shape accuracy per step, colour-follows-prompt, init-word baseline)",
                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     quality.add_argument("--engine", default="standalone", choices=ENGINES,
-                         help="who runs the loop: this process (standalone) or a running webui with this extension")
+                         help="who runs the loop: this process (standalone), a running webui with this extension "
+                              "(webui), or that webui's own Train-tab trainer at its defaults (webui-builtin; the "
+                              "webui must run on this machine)")
     quality.add_argument("--webui-url", default="http://127.0.0.1:7860",
-                         help="--engine webui: the webui (started with --api)")
-    quality.add_argument("--webui-auth", help="--engine webui: user:password if the webui uses --api-auth")
+                         help="--engine webui*: the webui (started with --api)")
+    quality.add_argument("--webui-auth", help="--engine webui*: user:password if the webui uses --api-auth")
     quality.add_argument(
         "--model", help="a micro-world model: diffusers folder or single file (default: the shipped one)"
     )
@@ -115,6 +149,9 @@ def _add_quality(kinds) -> None:
     quality.add_argument("--init-text", default=d.init_text)
     for name in ("num_images", "steps", "eval_every", "renders", "sampler_steps", "seed"):
         quality.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
+    quality.add_argument("--eval-at", type=_steps_list, default=(), metavar="STEP,STEP,...",
+                         help="score only these checkpoints (multiples of --eval-every), e.g. 25,50,100,300,1000; "
+                              "default: every --eval-every steps")
     quality.add_argument("--cfg-scale", type=float, default=d.cfg_scale)
     quality.add_argument("--threads", type=int, default=1,
                          help="torch CPU threads (1: the micro model's tensors are too small to split between cores)")
@@ -126,6 +163,13 @@ def _add_quality(kinds) -> None:
     quality.set_defaults(run=run_quality)
 
 
+def _steps_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of steps: give e.g. 25,50,100") from None
+
+
 def run_quality(args: argparse.Namespace) -> int:
     # Heavy: torch and the model libraries.
     from ..micro import assets, quality
@@ -133,7 +177,8 @@ def run_quality(args: argparse.Namespace) -> int:
 
     cfg = quality.QualityConfig(
         concept=args.concept, init_text=args.init_text, num_images=args.num_images, steps=args.steps,
-        eval_every=args.eval_every, renders=args.renders, sampler_steps=args.sampler_steps, cfg_scale=args.cfg_scale,
+        eval_every=args.eval_every, eval_at=args.eval_at, renders=args.renders, sampler_steps=args.sampler_steps,
+        cfg_scale=args.cfg_scale,
         seed=args.seed, out=args.out, train_settings=quality.parse_train_settings(args.train_set))
     quality.train_config(cfg, "", Path(cfg.out), "run")  # a bad setting fails here, before any model loads
     classifier = load_classifier(args.classifier or assets.classifier_file())
@@ -148,9 +193,16 @@ def run_quality(args: argparse.Namespace) -> int:
 def _quality_target(args: argparse.Namespace):
     from ..micro import assets
 
-    if args.engine == "webui":
+    if args.engine.startswith("webui"):
         if args.model:
             raise TIError("--model is for --engine standalone; the webui trains on the checkpoint it has loaded")
+        if args.engine == "webui-builtin":
+            if args.train_set:
+                raise TIError("--train-set sets this trainer's settings; --engine webui-builtin runs the webui's own "
+                              "trainer at its defaults: leave --train-set out")
+            from ..micro.webui_builtin import WebuiBuiltinTarget
+
+            return WebuiBuiltinTarget(args.webui_url, args.webui_auth, progress=say)
         from ..micro.webui_target import WebuiTarget
 
         return WebuiTarget(args.webui_url, args.webui_auth, progress=say)

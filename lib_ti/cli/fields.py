@@ -24,7 +24,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto = cuda when available)")
     run.add_argument("--weights-dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                     help="dtype of the frozen UNet and text encoders (auto = fp16 on GPU, fp32 on CPU)")
+                     help="dtype the frozen UNet and text encoders load in (auto: the precision's)")
     run.add_argument(
         "--model-config", help="single-file checkpoints: a local diffusers folder with the component configs"
     )

@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
         check_run(cfg, resume=args.resume)
         data = prepare_data(cfg)  # every data problem surfaces before the model loads
         device = choose_device(args.device)
-        engine = load_engine(cfg.model, device, args.weights_dtype, args.model_config)
+        engine = load_engine(cfg.model, device, args.weights_dtype, args.model_config, cfg.precision)
         return train_with_progress(engine, cfg, data, resume=args.resume, stop=stop)
 
 

@@ -132,6 +132,9 @@ class StandaloneEngine:
     def frozen(self):
         return frozen_modules([self.unet, self.vae, *(e.model for e in self.encoders)], eval_mode=True)
 
+    def step_modules(self) -> list[torch.nn.Module]:
+        return [self.unet, *(e.model for e in self.encoders)]
+
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         if enabled:
             self.unet.enable_gradient_checkpointing()
@@ -178,9 +181,10 @@ class StandaloneEngine:
 
 
 def load_engine(model: str, device: torch.device, weights: str = "auto",
-                model_config: str | None = None) -> StandaloneEngine:
-    """``StandaloneEngine.load`` with the frozen weights' dtype from a name (auto, fp32, fp16, bf16), saying so."""
-    dtype = weights_dtype(weights, device)
+                model_config: str | None = None, precision: str = "auto") -> StandaloneEngine:
+    """``StandaloneEngine.load`` with the frozen weights' dtype from a name (auto, fp32, fp16, bf16; auto follows
+    the run's ``precision``), saying so."""
+    dtype = weights_dtype(weights, device, precision)
     say(f"loading {model} on {device} ({str(dtype).replace('torch.', '')})")
     return StandaloneEngine.load(model, device=device, dtype=dtype, config_dir=model_config)
 

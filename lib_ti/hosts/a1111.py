@@ -18,6 +18,7 @@ import torch
 from ..engine import PreviewRequest
 from ..errors import TIError
 from ..fileio import load_torch
+from ..halves import weights_digest
 from .a1111_engine import WebuiEngine, model_family, render, reset_conditioning_cache
 from .host import Host, LoadedModel, training_size
 from .registry import loaded_sd_model
@@ -28,6 +29,7 @@ class A1111Host:
 
     name = "AUTOMATIC1111"
     reason = ""
+    engine_type: type[WebuiEngine] = WebuiEngine  # a host with A1111's model shell may bring its own engine
 
     def engine(self) -> WebuiEngine:
         """The engine on the loaded checkpoint; refuses, before any work, where training cannot work."""
@@ -39,7 +41,7 @@ class A1111Host:
         model = shared.sd_model
         if model is None or not hasattr(model, "cond_stage_model"):
             raise TIError("no checkpoint is loaded: pick one in the checkpoint list at the top of the page")
-        return WebuiEngine(model)
+        return self.engine_type(model)
 
     def session(self, engine, token: str):
         return host_session(engine, token)
@@ -70,8 +72,8 @@ class A1111Host:
             raise TIError("no checkpoint is loaded: pick one in the checkpoint list at the top of the page")
         return render(shared.sd_model, request)
 
-    def self_check(self, init_text: str = "a photo", prompt: str = "a {} on a table") -> dict:
-        return self_check(self.engine(), init_text, prompt)
+    def self_check(self, init_text: str = "a photo", prompt: str = "a {} on a table", weights: bool = False) -> dict:
+        return self_check(self.engine(), init_text, prompt, weights=weights)
 
     def loaded_model(self) -> LoadedModel | None:
         model = loaded_sd_model()
@@ -158,12 +160,14 @@ def _read_for_host(path: Path) -> dict:
 
 # ---------------------------------------------------------------------- self-check
 def self_check(engine: WebuiEngine, init_text: str = "a photo", prompt: str = "a {} on a table",
-               size: tuple[int, int] = (512, 512)) -> dict:
+               size: tuple[int, int] = (512, 512), weights: bool = False) -> dict:
     """Verify the adapter in the running host, on the loaded checkpoint (used by tests and support):
 
     * with the vectors equal to the init text's token embeddings, our conditioning for a prompt
       with the token equals the host's own generation conditioning for the prompt with the init text;
-    * a loss on that conditioning sends a gradient to the vectors of every text encoder.
+    * a loss on that conditioning sends a gradient to the vectors of every text encoder;
+    * with ``weights``, a digest of every weight of the loaded checkpoint: the same before and after a run
+      shows that the run left the host's model bit-identical (bf16 runs convert it for their duration).
     """
     token = "tiselfcheck"
     tokens = len(engine.embedders[engine.keys[0]].encode_embedding_init_text(init_text, 75))
@@ -173,12 +177,22 @@ def self_check(engine: WebuiEngine, init_text: str = "a photo", prompt: str = "a
         with torch.no_grad():
             host = _host_conditioning(engine, prompt.format(init_text), size)
         diffs = {name: float((a.detach().float() - b.float()).abs().max()) for name, a, b in _pairs(ours, host)}
-        torch.stack([a.float().pow(2).sum() for _, a, _ in _pairs(ours, host)]).sum().backward()
+        probe_loss(a for _, a, _ in _pairs(ours, host)).backward()
     grads = {k: float(v.grad.norm()) if v.grad is not None else 0.0 for k, v in vectors.items()}
     ok = all(d < 1e-4 for d in diffs.values()) and all(g > 0 for g in grads.values())
     info = getattr(engine.model, "sd_checkpoint_info", None)
     return {"ok": ok, "family": engine.family, "checkpoint": getattr(info, "name", ""),
-            "widths": engine.encoder_widths, "vectors": tokens, "max_abs_diff": diffs, "grad_norm": grads}
+            "widths": engine.encoder_widths, "vectors": tokens, "max_abs_diff": diffs, "grad_norm": grads,
+            **({"weights_digest": weights_digest([engine.model])} if weights else {})}
+
+
+def probe_loss(outputs) -> torch.Tensor:
+    """A loss whose gradient cannot vanish by construction: each output against a fixed random direction.
+    (The sum of squares cannot serve: after a final LayerNorm with unit weight and zero bias, as in a
+    freshly initialised checkpoint, every row's sum of squares is the width whatever the input.)"""
+    generator = torch.Generator().manual_seed(0)
+    terms = [(a.float() * torch.randn(a.shape, generator=generator).to(a.device)).sum() for a in outputs]
+    return torch.stack(terms).sum()
 
 
 def _host_conditioning(engine: WebuiEngine, prompt: str, size: tuple[int, int]):

@@ -120,6 +120,9 @@ class WebuiEngine:
         # No eval(): the host's modules stay in the mode the host keeps them in.
         return frozen_modules([self.model], eval_mode=False)
 
+    def step_modules(self) -> list[torch.nn.Module]:
+        return [self.model.model, self.model.cond_stage_model]  # the VAE (first_stage_model) is left as it is
+
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         if self.family == "sdxl":
             # sgm's UNet config asks every block to checkpoint itself: ~45% slower, only worth it when
@@ -188,8 +191,9 @@ class WebuiEngine:
 
 
 @torch.no_grad()
-def render(sd_model, request: PreviewRequest):
-    """One image through the host's own txt2img processing, the training job's state kept around it."""
+def render(sd_model, request: PreviewRequest, scripts=None):
+    """One image through the host's own txt2img processing, the training job's state kept around it.
+    ``scripts``: a script runner for hosts whose processing reads one unconditionally (reForge)."""
     from modules import processing, shared
 
     reset_conditioning_cache()
@@ -199,6 +203,8 @@ def render(sd_model, request: PreviewRequest):
         steps=request.steps, sampler_name=request.sampler_name or "Euler", scheduler="Automatic",
         cfg_scale=request.cfg_scale, seed=request.seed, width=request.width, height=request.height,
         do_not_save_grid=True, do_not_save_samples=True, do_not_reload_embeddings=True)
+    if scripts is not None:
+        p.scripts, p.script_args = scripts, []
     with job_state_kept(shared.state), quiet_total_progress(shared), contextlib.closing(p):
         processed = processing.process_images(p)
     reset_conditioning_cache()

@@ -17,7 +17,8 @@ STOP_FLAGS = ("interrupted", "skipped", "stopping_generation")
 
 # The host's progress bar (/internal/progress) shows job_no / job_count and an ETA it extrapolates from
 # shared.state.time_start over the whole job, data loading and the steps a resumed run had already done
-# included. Set from our own clock instead: this session's steps per second since the first step.
+# included, and blind to the previews and saves still to come. ``progress_eta`` sets time_start so that
+# the host's ETA is the run's own (``eta.RunClock``); the runner calls it every half second.
 _clock: dict[str, float] = {}
 
 
@@ -26,22 +27,31 @@ def progress_text(name: str, step: int, total: int) -> str:
     return f"Training {name}: step {step}/{total}"
 
 
-def host_time_start(now: float, started: float, start_step: int, step: int, total: int) -> float | None:
-    """The ``time_start`` for which the host's ETA, elapsed * (1 - p) / p with p = step / total, equals this
-    session's linear extrapolation (seconds per step since ``started`` times the steps left)."""
-    done = step - start_step
-    if done <= 0 or not 0 < step < total:
+def host_progress(state) -> float:
+    """The host's own progress fraction (modules/progress.py progressapi, v1.10.1): a preview render's
+    sampling steps count as a part of one training step."""
+    progress = 0.0
+    if state.job_count > 0:
+        progress += state.job_no / state.job_count
+        if state.sampling_steps > 0:
+            progress += state.sampling_step / state.sampling_steps / state.job_count
+    return min(progress, 1.0)
+
+
+def host_time_start(now: float, eta: float, progress: float) -> float | None:
+    """The ``time_start`` for which the host's ETA, elapsed * (1 - p) / p, equals ``eta``."""
+    if not 0 < progress < 1:
         return None
-    eta = (now - started) / done * (total - step)
-    p = step / total
-    return now - eta * p / (1 - p)
+    return now - eta * progress / (1 - progress)
 
 
 def progress_begin(total_steps: int, start_step: int, name: str = "") -> None:
     from modules import shared
 
-    _clock.update(started=time.time(), start_step=start_step, job_start=shared.state.time_start or time.time())
-    shared.state.job_count, shared.state.job_no = total_steps, start_step
+    _clock.update(job_start=shared.state.time_start or time.time())
+    # No fraction before the run's first step: the host would show an ETA of 0 s for a resumed run (its
+    # steps done over a just-begun job); the text names the step.
+    shared.state.job_count, shared.state.job_no = 0, 0
     shared.state.sampling_step = shared.state.sampling_steps = 0
     shared.state.textinfo = progress_text(name, start_step, total_steps)
 
@@ -51,10 +61,17 @@ def progress_step(step: int, total_steps: int, name: str = "") -> None:
 
     shared.state.job_count, shared.state.job_no = total_steps, step
     shared.state.textinfo = progress_text(name, step, total_steps)
-    if _clock:
-        start = host_time_start(time.time(), _clock["started"], int(_clock["start_step"]), step, total_steps)
-        if start is not None:
-            shared.state.time_start = start
+
+
+def progress_eta(eta: float | None) -> None:
+    """The host's bar shows ``eta`` seconds left (no ETA of ours yet: the host's own)."""
+    if not _clock or eta is None:
+        return
+    from modules import shared
+
+    start = host_time_start(time.time(), eta, host_progress(shared.state))
+    if start is not None:
+        shared.state.time_start = start
 
 
 def progress_end() -> None:

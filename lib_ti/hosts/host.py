@@ -49,7 +49,7 @@ class Host(Protocol):
     def txt2img(self, request: PreviewRequest) -> Any:
         """A render (PIL image) on the loaded checkpoint with the embeddings registered now."""
 
-    def self_check(self, init_text: str, prompt: str) -> dict:
+    def self_check(self, init_text: str, prompt: str, weights: bool = False) -> dict:
         """Our conditioning equals the host's own, and the gradient reaches every encoder's vectors."""
 
     def loaded_model(self) -> LoadedModel | None:
@@ -91,7 +91,7 @@ class UnsupportedHost:
     def txt2img(self, request: PreviewRequest) -> Any:
         return self._refuse()
 
-    def self_check(self, init_text: str, prompt: str) -> dict:
+    def self_check(self, init_text: str, prompt: str, weights: bool = False) -> dict:
         return self._refuse()
 
     def loaded_model(self) -> LoadedModel | None:

@@ -16,6 +16,7 @@ from typing import Any
 
 from .. import events
 from ..errors import TIError
+from .eta import RunClock
 
 
 @dataclass
@@ -29,7 +30,7 @@ class Job:
     step: int = 0
     lr: float | None = None
     images_per_s: float = 0.0
-    eta_s: float | None = None
+    clock: RunClock | None = field(default=None, repr=False)  # the time left, from the run's schedule
     losses: list[tuple[int, float]] = field(default_factory=list)
     previews: list[tuple[int, Path]] = field(default_factory=list)
     saved: list[tuple[int, Path]] = field(default_factory=list)
@@ -40,6 +41,7 @@ class Job:
     error_detail: str | None = None
     result: str | None = None
     final_path: Path | None = None
+    lora_path: Path | None = None  # pivotal runs: the LoRA published in the host's Lora folder
     started_at: float = field(default_factory=time.time)
     ended_at: float | None = None
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -58,20 +60,34 @@ class Job:
     def active(self) -> bool:
         return self.state in ("queued", "running", "stopping")
 
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds left while the run trains (steps, saves and previews to come), else None."""
+        if self.clock is None or self.state not in ("running", "stopping"):
+            return None
+        return self.clock.remaining()
+
     # ------------------------------------------------------------------ events in
     def handle(self, event: object) -> None:
         if isinstance(event, events.Started):
             self.state = "stopping" if self._stop.is_set() else "running"
             self.step, self.total_steps, self.notes = event.start_step, event.total_steps, list(event.notes)
+            self.clock = RunClock.for_run(self.settings, event.total_steps, event.start_step)
         elif isinstance(event, events.Step):
             self.step, self.total_steps, self.lr = event.step, event.total_steps, event.lr
-            self.images_per_s, self.eta_s = event.images_per_s, event.eta_s
+            self.images_per_s = event.images_per_s
+            if self.clock is not None:
+                self.clock.stepped(event.step)
             if event.loss is not None:
                 self.losses.append((event.step, event.loss))
         elif isinstance(event, events.Saved):
             self.saved.append((event.step, Path(event.path)))
+            if self.clock is not None:
+                self.clock.saved()
         elif isinstance(event, events.Preview):
             self.previews.append((event.step, Path(event.path)))
+            if self.clock is not None:
+                self.clock.previewed()
         elif isinstance(event, events.Warning):
             self.warnings.append(event.message)
         elif isinstance(event, events.Result):
@@ -96,10 +112,12 @@ class Job:
             "active": self.active, "step": self.step,
             "total_steps": self.total_steps, "loss": self.losses[-1][1] if self.losses else None,
             "learning_rate": self.lr, "images_per_s": round(self.images_per_s, 3),
-            "eta_s": None if self.eta_s is None or self.eta_s != self.eta_s else round(self.eta_s, 1),
+            "eta_s": None if (eta := self.eta_s) is None else round(eta, 1),
+            "timing": self.clock.timing() if self.clock is not None else None,
             "last_preview": str(self.previews[-1][1]) if self.previews else None,
             "saved": [str(p) for _, p in self.saved], "published": [str(p) for p in self.published],
             "final_path": str(self.final_path) if self.final_path else None,
+            "lora_path": str(self.lora_path) if self.lora_path else None,
             "warnings": list(self.warnings), "notes": list(self.notes), "error": self.error,
             "error_detail": self.error_detail,
             "result": self.result, "started_at": self.started_at, "ended_at": self.ended_at,
@@ -109,7 +127,7 @@ class Job:
         """Step, loss, learning rate and ETA, with the loss chart: the tab's run panel (never the host's bar)."""
         loss = f"{self.losses[-1][1]:.4f}" if self.losses else "-"
         lr = f"{self.lr:g}" if self.lr is not None else "-"
-        eta = _duration(self.eta_s) if self.eta_s is not None and self.eta_s == self.eta_s else "-"
+        eta = _duration(left) if (left := self.eta_s) is not None else "-"
         rows = [("Embedding", self.name), ("Step", f"{self.step} / {self.total_steps}"), ("Loss", loss),
                 ("Learning rate", lr), ("Images/s", f"{self.images_per_s:.2f}"), ("ETA", eta)]
         if self.saved:
@@ -122,6 +140,8 @@ class Job:
         if self.state == "failed":
             return f"<div class='ti-trainer-error error'>{html.escape(self.error or 'training failed')}</div>"
         where = f" Embedding: {self.final_path}" if self.final_path else ""
+        if self.lora_path is not None:  # both files are the result: the prompt needs the name and the LoRA
+            where += f" LoRA: {self.lora_path} (prompt: {self.name} <lora:{self.lora_path.stem}:1>)"
         return f"<p>{html.escape((self.result or self.state) + '.' + where)}</p>"
 
 

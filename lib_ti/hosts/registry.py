@@ -17,6 +17,7 @@ from .host import Host, UnsupportedHost
 ADAPTERS: dict[str, str] = {
     "a1111": "lib_ti.hosts.a1111",
     "forge": "lib_ti.hosts.forge",
+    "reforge": "lib_ti.hosts.reforge",
 }
 
 

@@ -6,8 +6,10 @@ calls go to the running webui's ``Host`` (``registry.current_host``).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from .. import events
@@ -261,7 +263,7 @@ def run(job: Job, cfg: TrainConfig, *, resume: bool) -> Job:
         engine = host.engine()
         data = prepare_data(cfg)  # every data problem is reported before the model is touched
         publisher = _Publisher(job, cfg, host)
-        with host.session(engine, cfg.name):
+        with host.session(engine, cfg.name), _host_eta(job):
             result = train(engine, cfg, data=data, resume=resume, on_event=publisher.handle,
                            should_stop=lambda: job.should_stop() or gpu_queue.host_interrupted())
         publisher.publish_final()  # after the session: the live embedding is unregistered by then
@@ -274,6 +276,26 @@ def run(job: Job, cfg: TrainConfig, *, resume: bool) -> Job:
     finally:
         gpu_queue.progress_end()
     return job
+
+
+@contextlib.contextmanager
+def _host_eta(job: Job, every_s: float = 0.5) -> Iterator[None]:
+    """Keeps the host's progress bar ETA on the run's own (``Job.eta_s``) while the run trains: the host
+    extrapolates between our updates, and during a preview its ETA would grow by (1 - p) / p times the
+    preview's length."""
+    done = threading.Event()
+
+    def tick() -> None:
+        while not done.wait(every_s):
+            gpu_queue.progress_eta(job.eta_s)
+
+    thread = threading.Thread(target=tick, name=f"ti-trainer eta {job.run_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 class _Publisher:
@@ -298,6 +320,7 @@ class _Publisher:
             gpu_queue.progress_begin(event.total_steps, event.start_step, self.cfg.name)
         elif isinstance(event, events.Step):
             gpu_queue.progress_step(event.step, event.total_steps, self.cfg.name)
+            gpu_queue.progress_eta(self.job.eta_s)
         elif isinstance(event, events.Preview):
             gpu_queue.progress_image(event.image)
             if event.step in self.copies:
@@ -307,14 +330,16 @@ class _Publisher:
                 self.final = Path(event.path)
                 self.final_lora = Path(event.lora) if event.lora is not None else None
             if event.checkpoint is not None:  # the last step is a checkpoint like the others, final or not
-                self._publish_checkpoint(event.step, Path(event.checkpoint))
+                self._publish_checkpoint(event.step, Path(event.checkpoint), event.is_final)
 
-    def _publish_checkpoint(self, step: int, path: Path) -> None:
+    def _publish_checkpoint(self, step: int, path: Path, is_final: bool) -> None:
         copy = folders.publish(self.host, path, checkpoint_folder(self.cfg) / path.name)
         self.job.published.append(copy)
         self.copies[step] = copy
         preview = self.job.previews[-1] if self.job.previews else None
-        if preview is not None and preview[0] == step:
+        # The last step's checkpoint holds the final embedding's vectors: it shows the final embedding's card
+        # preview (the run's last one) when a stop ended the run between previews.
+        if preview is not None and (preview[0] == step or is_final):
             self._card_preview(preview[1], copy)
 
     def _card_preview(self, image: Path, embedding: Path) -> None:
@@ -329,7 +354,8 @@ class _Publisher:
             if self.job.previews:
                 self._card_preview(self.job.previews[-1][1], target)
         if self.final_lora is not None:
-            self.job.published.append(folders.publish_lora(self.final_lora, final_lora_target(self.cfg)))
+            self.job.lora_path = folders.publish_lora(self.final_lora, final_lora_target(self.cfg))
+            self.job.published.append(self.job.lora_path)
 
 
 def card_preview_path(embedding: Path) -> Path:

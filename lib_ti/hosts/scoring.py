@@ -15,19 +15,23 @@ from ..scoring.defaults import DEFAULT_CLIP, EDIT_PROMPTS
 from ..scoring.score import ScoreOptions, ScoreReport, list_checkpoints, run_config, score_run
 from . import registry, runner
 
+TAB_CLIP_USE = "type that folder's path in CLIP model (Score checkpoints, in the Train Embedding tab)"
+
 
 def score_run_folder(run_dir: str | Path, *, clip: str = DEFAULT_CLIP, seeds: int = 2,
-                     prompts: Sequence[str] = EDIT_PROMPTS,
+                     prompts: Sequence[str] = EDIT_PROMPTS, clip_use: str = TAB_CLIP_USE,
                      progress: Callable[[str], None] = lambda _msg: None) -> ScoreReport:
-    """Score every checkpoint of the run in ``run_dir`` on the loaded checkpoint; refused while a run trains."""
+    """Score every checkpoint of the run in ``run_dir`` on the loaded checkpoint; refused while a run trains.
+    ``clip_use`` ends the message when no CLIP model is found: how to name one where the caller asks."""
     job = runner.current_job()
     if job is not None:
         raise TIError(f"a training run is active ({job.name}): score its checkpoints once it has ended")
     opts = ScoreOptions(str(run_dir), clip=clip, prompts=tuple(prompts), seeds=seeds)
     name = run_config(opts.run_dir).name
     list_checkpoints(opts.run_dir, name)  # nothing to score: said before CLIP or the model is touched
-    from ..scoring.clip import load_clip  # heavy: transformers
+    from ..scoring.clip import load_clip, locate_clip  # heavy: transformers
 
+    locate_clip(clip, use=clip_use)  # no CLIP model: how to get one, before the host's model is touched
     host = registry.current_host()
     engine = host.engine()
     model = load_clip(clip, device=engine.device)

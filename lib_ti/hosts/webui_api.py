@@ -82,10 +82,12 @@ def mount(app) -> None:
 
     @router.post("/selfcheck", summary="Check the adapter on the loaded checkpoint (conditioning and gradients)")
     def selfcheck(init_text: str = Query("a photo", description="words whose token vectors stand in for the token"),
-                  prompt: str = Query("a {} on a table", description="a prompt; {} marks the token")):
+                  prompt: str = Query("a {} on a table", description="a prompt; {} marks the token"),
+                  weights: bool = Query(False, description="also a digest of every weight of the loaded checkpoint "
+                                        "(about a second per GB): equal before and after a run = left bit-identical")):
         try:
             with gpu_queue.gpu_job("task(ti-trainer-selfcheck)"):
-                return registry.current_host().self_check(init_text, prompt)
+                return registry.current_host().self_check(init_text, prompt, weights=weights)
         except TIError as exc:
             raise HTTPException(409, str(exc)) from None
 

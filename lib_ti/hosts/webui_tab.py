@@ -24,8 +24,9 @@ from ..dataset.preflight import check
 from ..errors import TIError, shown
 from ..families import FAMILIES
 from ..options import field_label, field_ui_help
+from ..scoring.defaults import DEFAULT_CLIP
 from ..templates import builtin_names
-from . import compare, folders, gpu_queue, registry, runner, settings, webui_dataset
+from . import compare, folders, gpu_queue, registry, runner, scoring, settings, webui_dataset
 from .jobs import Job
 from .widgets import keep_out_of_ui_config, sections, ui_fields, values_to_options, widget
 
@@ -161,6 +162,14 @@ def build_controls(txt2img_params: list) -> None:
                 compare_button = gr.Button(value="Comparison grid", elem_id=element_id("compare"))
                 grid = gr.Image(label="Comparison grid", type="filepath", interactive=False,
                                 elem_id=element_id("grid"))
+            with gr.Accordion("Score checkpoints", open=False, elem_id=element_id("score_box")):
+                score_clip = gr.Textbox(label="CLIP model", value=DEFAULT_CLIP, elem_id=element_id("score_clip"),
+                                        info="a local folder, or a model id in the local Hugging Face cache; never "
+                                             "downloaded. Scores the run chosen in Saved run, else the form's")
+                score_button = gr.Button(value="Score checkpoints", elem_id=element_id("score"))
+                score_table = gr.Markdown(elem_id=element_id("score_table"), value="")
+                score_grid = gr.Image(label="Scored checkpoints", type="filepath", interactive=False,
+                                      elem_id=element_id("score_grid"))
             task_id = gr.Textbox(visible=False, elem_id=element_id("task"), value="")
             status = gr.Textbox(visible=False, elem_id=element_id("status"), value="{}")
             poll = gr.Button(visible=False, elem_id=element_id("poll"))
@@ -176,6 +185,9 @@ def build_controls(txt2img_params: list) -> None:
     create.click(fn=gpu_queue.wrap_gpu_call(_create_clicked, [_update()]), inputs=inputs, outputs=[task_id, message])
     compare_button.click(fn=gpu_queue.wrap_gpu_call(_compare_clicked, [_update()]),
                          inputs=[compare_prompts, compare_checkpoints, *inputs], outputs=[grid, message])
+    # On an error the host's wrapper answers its extra outputs and the message: one per output before the message.
+    score_button.click(fn=gpu_queue.wrap_gpu_call(_score_clicked, [_update(), _update()]),
+                       inputs=[runs, score_clip, *inputs], outputs=[score_grid, score_table, message])
     check.click(fn=_check_clicked, inputs=inputs, outputs=[message])
     load.click(fn=_load_clicked, inputs=[runs], outputs=[message, *[widgets[n] for n in FIELD_NAMES]], **quick)
     refresh_runs.click(fn=lambda: _update(choices=_run_choices()), inputs=[], outputs=[runs], **quick)
@@ -395,6 +407,21 @@ def _compare_clicked(prompts: str, checkpoints: str, *args):
     except TIError as exc:
         return _update(), _error_html(str(exc))
     return str(path), f"<p class='ti-trainer-info'>Grid saved as {html.escape(str(path))}.</p>"
+
+
+def _score_clicked(run: str | None, clip: str, *args):
+    """Fidelity and editability of every checkpoint of the chosen run (Saved run, else the form's), on the loaded
+    checkpoint: the table with the recommended step marked, and the grid."""
+    try:
+        runner.refuse_if_active()
+        cfg, _ = _split(args)
+        folder = runner.resolve_run_dir(cfg.replace(output_dir=run) if run else cfg)
+        report = scoring.score_run_folder(folder, clip=(clip or "").strip() or DEFAULT_CLIP)
+    except TIError as exc:
+        return _update(), _update(), _error_html(str(exc))
+    return report.grid, scoring.report_markdown(report), \
+        f"<p class='ti-trainer-info'>Scored {len(report.rows)} checkpoints of {html.escape(report.name)}: step " \
+        f"{report.recommended} recommended; table and grid in {html.escape(str(Path(report.grid).parent))}.</p>"
 
 
 def _check_clicked(*args):

@@ -50,6 +50,8 @@ TOKEN_TEMPLATES = (
     "a {colour} {token} on a {background} background",
 )
 GRID_COLUMNS = 8
+HOST_SETTINGS_SHOWN = ("learn_rate", "batch_size", "template_filename", "latent_sampling_method", "clip_grad_mode")
+TARGET = 0.8  # the comparison of trainers: the first step with shape and colour both at least this
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,9 @@ class QualityConfig:
     num_images: int = 5
     steps: int = 500
     eval_every: int = 100
+    # The checkpoints scored, when not every eval_every'th (e.g. dense early, sparse late); each a multiple of
+    # eval_every, which stays the save interval.
+    eval_at: tuple[int, ...] = ()
     renders: int = 64  # prompts per checkpoint (each colour 8 times): at 32, one render moves a figure by 0.03
     sampler_steps: int = 20  # the trainer's default preview_steps
     cfg_scale: float = 7.0  # the trainer's default preview_cfg_scale
@@ -75,6 +80,10 @@ class QualityConfig:
         for name in ("num_images", "steps", "eval_every", "renders", "sampler_steps"):
             if getattr(self, name) < 1:
                 raise TIError(f"bench quality {name}={getattr(self, name)} is invalid: use a whole number >= 1")
+        odd = [s for s in self.eval_at if s < 1 or s > self.steps or s % self.eval_every]
+        if odd:
+            raise TIError(f"bench quality --eval-at {odd[0]} is invalid: each step must lie in 1..--steps "
+                          f"({self.steps}) and be a multiple of --eval-every ({self.eval_every}), the save interval")
         fixed = bench_settings(self, "", Path(), "")
         for key, _ in self.train_settings:
             if key in fixed:
@@ -87,6 +96,8 @@ class QualityConfig:
 
     @property
     def eval_steps(self) -> list[int]:
+        if self.eval_at:
+            return sorted(set(self.eval_at))
         return sorted({*range(self.eval_every, self.steps, self.eval_every), self.steps})
 
 
@@ -142,6 +153,9 @@ class StandaloneTarget:
 
     name = "standalone"
 
+    def token(self, cfg: QualityConfig) -> str:
+        return cfg.token
+
     def __init__(self, engine, model: str, *, on_event: Callable[[object], None] | None = None) -> None:
         self.engine, self.model, self.on_event = engine, model, on_event  # on_event: e.g. a console progress bar
         self.tcfg: TrainConfig | None = None  # the run's config, once trained
@@ -195,7 +209,8 @@ def run_quality(target, classifier, cfg: QualityConfig, *, progress: Callable[[s
                       "pivotal with --engine standalone")
     t0 = time.perf_counter()
     data_dir = write_concept_images(cfg, out / "images")
-    progress(f"training {cfg.token!r} from {cfg.num_images} images of a {cfg.concept}, init word {cfg.init_text!r}")
+    progress(f"training {target.token(cfg)!r} from {cfg.num_images} images of a {cfg.concept}, "
+             f"init word {cfg.init_text!r}")
     t_train = time.perf_counter()
     trained, tcfg = target.train(cfg, data_dir)
     train_s = time.perf_counter() - t_train
@@ -221,16 +236,32 @@ def _render_rows(target, classifier, cfg: QualityConfig, progress) -> list[Row]:
 
 def _report(cfg: QualityConfig, tcfg, rows: list[Row], trained: Trained, train_s: float, total_s: float,
             target) -> dict:
-    defaults = TrainConfig().to_dict()
-    changed = {k: v for k, v in tcfg.to_dict().items() if v != defaults[k]}
+    if isinstance(tcfg, TrainConfig):
+        defaults = TrainConfig().to_dict()
+        settings = {"train_settings_not_default": {k: v for k, v in tcfg.to_dict().items() if v != defaults[k]}}
+    else:  # another trainer (the webui's built-in): its own arguments, all of them
+        settings = {"host_train_settings": tcfg}
     figures = [{"label": r.label, "step": r.step, **{k: round(v, 4) for k, v in r.figures.items()}} for r in rows]
     return {
-        "bench": asdict(cfg), "engine": target.name, "model": target.model, "token": cfg.token,
-        "prompts": list(TOKEN_TEMPLATES), "train_settings_not_default": changed, "steps_done": trained.steps_done,
+        "bench": asdict(cfg), "engine": target.name, "model": target.model, "token": target.token(cfg),
+        "prompts": list(TOKEN_TEMPLATES), **settings, "steps_done": trained.steps_done,
         "embedding": trained.embedding, "train_wall_s": round(train_s, 1),
         "train_s_per_step": round(train_s / max(trained.steps_done, 1), 4), "total_wall_s": round(total_s, 1),
-        "rows": figures,
+        "rows": figures, "milestones": milestones(figures),
     }
+
+
+def milestones(rows: list[dict], target: float = TARGET) -> dict:
+    """The first checkpoint with shape and colour both >= ``target`` (None: none), and the best of each, with
+    its step: the figures the comparison of trainers reads."""
+    checkpoints = [r for r in rows if r["step"]]  # not the init word (step 0) nor the plain word (None)
+    first = next((r["step"] for r in checkpoints if r["shape"] >= target and r["colour"] >= target), None)
+    out: dict = {"target": target, "first_step_shape_and_colour": first}
+    for key in ("shape", "colour"):
+        best = max(checkpoints, key=lambda r: (r[key], -r["step"]), default=None)
+        out[f"best_{key}"] = None if best is None else {"step": best["step"], key: best[key],
+                                                         "other": best["colour" if key == "shape" else "shape"]}
+    return out
 
 
 def _write_grid(cfg: QualityConfig, rows: list[Row], path: Path) -> Path:
@@ -251,12 +282,27 @@ def format_report(report: dict) -> str:
         f"cfg {bench['cfg_scale']}): "
         + " | ".join(report["prompts"]),
         f"training      {report['steps_done']} steps in {report['train_wall_s']:.1f}s "
-        f"({report['train_s_per_step']:.3f} s/step); settings other than the "
-        f"defaults: {report['train_settings_not_default']}",
+        f"({report['train_s_per_step']:.3f} s/step); " + _settings_text(report),
+        _milestones_text(report["milestones"]),
         f"engine        {report['engine']} on {report['model']}",
         f"total         {report['total_wall_s']:.1f}s; grid {report['grid']}; embedding {report['embedding']}",
     ]
     return "\n".join(lines)
+
+
+def _settings_text(report: dict) -> str:
+    if "host_train_settings" in report:
+        shown = {k: report["host_train_settings"][k] for k in HOST_SETTINGS_SHOWN}
+        return f"the host's own trainer with {shown} (all in report.json)"
+    return f"settings other than the defaults: {report['train_settings_not_default']}"
+
+
+def _milestones_text(m: dict) -> str:
+    first = m["first_step_shape_and_colour"]
+    best = [f"best {k} {m[f'best_{k}'][k]:.2f} at step {m[f'best_{k}']['step']}" for k in ("shape", "colour")
+            if m[f"best_{k}"]]
+    reached = f"step {first}" if first is not None else "not within the steps scored"
+    return f"milestones    shape and colour >= {m['target']}: {reached}; " + "; ".join(best)
 
 
 def parse_train_settings(items: list[str]) -> tuple[tuple[str, object], ...]:

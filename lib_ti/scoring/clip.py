@@ -86,7 +86,7 @@ def load_clip(model: str = DEFAULT_CLIP, *, device: str | torch.device = "cpu") 
     return Clip(net.to(device=device, dtype=torch.float32).eval(), tokenizer, device)
 
 
-def locate_clip(model: str) -> str:
+def locate_clip(model: str, *, use: str = "pass it with --clip models/clip-vit-b32") -> str:
     """``model`` if it is a local folder or a model id in the local Hugging Face cache; else a TIError saying how
     to get one."""
     path = Path(model).expanduser()
@@ -107,7 +107,7 @@ def locate_clip(model: str) -> str:
         f"no CLIP model {model!r}: there is no such folder, and no model id {model!r} in the local Hugging Face cache "
         f"({constants.HF_HUB_CACHE}). Nothing is downloaded at run time. On a machine with internet run "
         f"`{clip_download_command('models/clip-vit-b32')}` (with an older huggingface_hub: `huggingface-cli download "
-        "...`, same arguments), copy that folder here and pass it with --clip models/clip-vit-b32, or copy that "
+        f"...`, same arguments), copy that folder here and {use}, or copy that "
         f"machine's Hugging Face cache into {constants.HF_HUB_CACHE}"
     )
 

@@ -1,0 +1,53 @@
+"""Opt-in profile of a few training steps, for finding where a step's time goes (issue 15: inside a host
+the same step can be slower than headless). ``TI_TRAINER_PROFILE=N`` in the environment of the process
+that trains (the webui's too) profiles steps 3 to 2 + N with ``torch.profiler`` and writes the table of
+operators by self CPU time, and the call sites of the costliest, to ``<run folder>/profile.txt`` (or
+``TI_TRAINER_PROFILE_OUT``). Off (no cost) when the variable is unset."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+FIRST_STEP = 3  # steps 1-2 warm up (allocator, oneDNN primitive caches)
+
+
+class StepProfiler:
+    def __init__(self, run_dir: Path, modules: list[torch.nn.Module] | None = None) -> None:
+        self.modules = modules or []
+        self.steps = int(os.environ.get("TI_TRAINER_PROFILE") or 0)
+        self.path = Path(os.environ.get("TI_TRAINER_PROFILE_OUT") or run_dir / "profile.txt")
+        self.profile: torch.profiler.profile | None = None
+
+    def before(self, step: int) -> None:
+        """Call before step ``step`` (1-based) runs."""
+        if self.steps and step == FIRST_STEP:
+            self.profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                  record_shapes=True)
+            self.profile.__enter__()
+
+    def after(self, step: int) -> None:
+        """Call after step ``step`` ran."""
+        if self.profile is not None and step == FIRST_STEP + self.steps - 1:
+            self.profile.__exit__(None, None, None)
+            table = self.profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=60)
+            self.path.write_text(f"threads {torch.get_num_threads()}, steps {FIRST_STEP}-{step}\n{table}\n"
+                                 f"{_top_stacks(self.profile)}\n{_layouts(self.modules)}\n")
+            self.profile = None
+
+
+def _top_stacks(profile: torch.profiler.profile, count: int = 8) -> str:
+    """The Python call sites of the operators that took the most self CPU time, with their input shapes."""
+    rows = sorted((e for e in profile.key_averages(group_by_input_shape=True, group_by_stack_n=6)
+                   if e.key.startswith("aten::")), key=lambda e: e.self_cpu_time_total, reverse=True)[:count]
+    return "\n".join(f"{e.key} {e.count} calls, self {e.self_cpu_time_total / 1e6:.3f}s, shapes {e.input_shapes}\n  "
+                     + "\n  ".join(e.stack or []) for e in rows)
+
+
+def _layouts(modules: list[torch.nn.Module]) -> str:
+    """The weights that are not plain contiguous tensors: the CPU's native convolution copies those per call."""
+    odd = [(name, tuple(p.shape), p.stride(), p.dtype) for m in modules for name, p in m.named_parameters()
+           if not p.is_contiguous()]
+    return f"non-contiguous parameters: {len(odd)}" + "".join(f"\n  {o}" for o in odd[:10])
