@@ -20,6 +20,7 @@ import torch
 from lib_ti.config import TrainConfig
 from lib_ti.engine import PreviewRequest
 from lib_ti.errors import TIError
+from lib_ti.halves import weights_digest
 from lib_ti.hosts import forge, forge_engine, gpu_queue, registry, runner, webui_tab
 
 RUN = {"init_text": "a photo", "num_vectors": 2, "width": 64, "height": 64, "steps": 4, "save_every": 2,
@@ -44,7 +45,7 @@ def _train(webui, **changes):
 
 def _weights(webui) -> str:
     engine = forge.HOST.engine()
-    return forge_engine.weights_digest([*engine.modules(), engine.vae.first_stage_model])
+    return weights_digest([*engine.modules(), engine.vae.first_stage_model])
 
 
 def test_forge_is_detected_and_gets_its_adapter(webui):
@@ -74,13 +75,13 @@ def test_predict_turns_forges_x0_back_into_the_unets_own_epsilon(webui, engines)
 
 def test_the_self_check_matches_forges_conditioning_and_reaches_the_vectors(webui):
     webui.notes["TI"] = "someone else's"
-    report = registry.current_host().self_check("a photo", "a {} on a table")
+    report = registry.current_host().self_check("a photo", "a {} on a table", weights=True)
     assert report["ok"], report
     assert report["max_abs_diff"]["cond"] < 1e-5 and report["grad_norm"]["clip_l"] > 0
     assert report["replaced_inference_tensors"] > 0  # the fake's weights were built under inference mode
     assert "tiselfcheck" not in webui.db.word_embeddings
     assert webui.notes == {"TI": "someone else's"}  # the next generation's infotext is not ours
-    assert registry.current_host().self_check()["weights"] == report["weights"]
+    assert registry.current_host().self_check(weights=True)["weights_digest"] == report["weights_digest"]
 
 
 def test_a_run_trains_publishes_everywhere_and_leaves_the_weights_bit_identical(webui):

@@ -96,7 +96,7 @@ def txt2img(forge, prompt: str) -> tuple[str, str]:
 
 
 def selfcheck(forge) -> dict:
-    code, out = forge.call("POST", "/ti-trainer/v1/selfcheck?init_text=a%20photo")
+    code, out = forge.call("POST", "/ti-trainer/v1/selfcheck?init_text=a%20photo&weights=true")
     assert code == 200, out
     return out
 
@@ -118,7 +118,7 @@ def test_train_through_the_api_then_use_it_in_txt2img_at_once(forge, dataset):
     name = "forgetok"
     prompt = f"a photo of {name} on a table"
     info_before, image_before = txt2img(forge, prompt)
-    weights_before = selfcheck(forge)["weights"]
+    weights_before = selfcheck(forge)["weights_digest"]
     config = {"name": name, "init_text": "a photo", "num_vectors": 2, "data_dir": str(dataset), "width": 64,
               "height": 64, "batch_size": 1, "learning_rate": "0.01", "steps": 4, "save_every": 2, "keep_last": 0,
               "preview_every": 4, "preview_steps": 2, "log_every": 1}
@@ -128,7 +128,7 @@ def test_train_through_the_api_then_use_it_in_txt2img_at_once(forge, dataset):
     assert status["state"] == "finished" and status["step"] == 4 and status["error"] is None, (status, forge.tail())
     assert status["loss"] is not None and status["last_preview"] and Path(status["last_preview"]).is_file()
     assert (forge.data_dir / "embeddings" / f"{name}.safetensors").is_file()
-    assert selfcheck(forge)["weights"] == weights_before  # the run left Forge's weights bit-identical
+    assert selfcheck(forge)["weights_digest"] == weights_before  # the run left Forge's weights bit-identical
     info_after, image_after = txt2img(forge, prompt)  # no restart, no refresh: Forge uses it at once
     assert f"TI: {name}" in info_after and "TI:" not in info_before, info_after
     assert image_after != image_before

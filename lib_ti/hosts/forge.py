@@ -18,9 +18,10 @@ import torch
 
 from ..engine import PreviewRequest
 from ..errors import TIError
+from ..halves import weights_digest
 from .a1111 import _pairs, _read_for_host
 from .a1111_engine import render, reset_conditioning_cache
-from .forge_engine import ForgeEngine, conditioning, forge_family, refusal, weights_digest
+from .forge_engine import ForgeEngine, conditioning, forge_family, refusal
 from .host import Host, LoadedModel, training_size
 from .registry import loaded_sd_model
 
@@ -70,8 +71,8 @@ class ForgeHost:
     def txt2img(self, request: PreviewRequest):
         return render(_model(), request)
 
-    def self_check(self, init_text: str = "a photo", prompt: str = "a {} on a table") -> dict:
-        return self_check(self.engine(), init_text, prompt)
+    def self_check(self, init_text: str = "a photo", prompt: str = "a {} on a table", weights: bool = False) -> dict:
+        return self_check(self.engine(), init_text, prompt, weights=weights)
 
     def loaded_model(self) -> LoadedModel | None:
         model = loaded_sd_model()
@@ -118,15 +119,15 @@ def host_session(engine: ForgeEngine, token: str) -> Iterator[None]:
 
 # ---------------------------------------------------------------------- self-check
 def self_check(engine: ForgeEngine, init_text: str = "a photo", prompt: str = "a {} on a table",
-               size: tuple[int, int] = (512, 512)) -> dict:
+               size: tuple[int, int] = (512, 512), weights: bool = False) -> dict:
     """Verify the adapter in the running Forge, on the loaded checkpoint:
 
     * with the vectors equal to the init text's token embeddings, our conditioning (with grad) for a prompt with
       the token equals Forge's own generation conditioning (its inference-mode ``get_learned_conditioning``) for
       the prompt with the init text;
     * a loss on it sends a gradient to the vectors of every text encoder;
-    * ``weights``: a digest of the UNet's, text encoders' and VAE's weights (equal before and after a run: the
-      run left them bit-identical).
+    * with ``weights``, a digest of the UNet's, text encoders' and VAE's weights (equal before and after a run:
+      the run left them bit-identical).
     """
     token = "tiselfcheck"
     first = engine.text_engines[engine.keys[0]]
@@ -143,7 +144,8 @@ def self_check(engine: ForgeEngine, init_text: str = "a photo", prompt: str = "a
     return {"ok": ok, "family": engine.family, "checkpoint": getattr(info, "name", ""),
             "widths": engine.encoder_widths, "vectors": tokens, "max_abs_diff": diffs, "grad_norm": grads,
             "prediction_type": engine.prediction_type, "replaced_inference_tensors": engine.replaced,
-            "weights": weights_digest([*engine.modules(), engine.vae.first_stage_model])}
+            **({"weights_digest": weights_digest([*engine.modules(), engine.vae.first_stage_model])}
+               if weights else {})}
 
 
 def probe_loss(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -206,6 +205,9 @@ class ForgeEngine:
                 if flag and not _is_inference(param):  # torch refuses requires_grad on inference tensors
                     param.requires_grad_(True)
 
+    def step_modules(self) -> list[torch.nn.Module]:
+        return self.modules()  # the VAE only caches latents
+
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Forge's UNet has no checkpointing of its own: each of its input, middle and output blocks is run through
         torch's (non-reentrant) checkpoint while enabled. Worth it where Forge stores the weights in another dtype
@@ -328,14 +330,3 @@ def _normal(t: torch.Tensor) -> torch.Tensor:
     if isinstance(t, torch.nn.Parameter):
         return torch.nn.Parameter(copy, requires_grad=t.requires_grad)
     return copy
-
-
-def weights_digest(modules: list[torch.nn.Module]) -> str:
-    """sha256 over every parameter and buffer (name, dtype, bytes): equal digests are bit-identical weights."""
-    digest = hashlib.sha256()
-    for module in modules:
-        for name, t in sorted(module.state_dict(keep_vars=True).items()):
-            data = t.detach()
-            digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}".encode())
-            digest.update(data.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
