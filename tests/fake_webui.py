@@ -10,6 +10,7 @@ not stubbed. Whether the real host behaves like this fake is the real-host tier'
 
 from __future__ import annotations
 
+import shutil
 import sys
 import threading
 import types
@@ -232,6 +233,22 @@ def options_section(section, options: dict) -> dict:
     for info in options.values():
         info.section = section
     return options
+
+
+# A short run the fake tiers (this host's and reForge's) train: 4 steps at 64 px, saving and previewing every 2.
+RUN = {"init_text": "a photo", "num_vectors": 2, "width": 64, "height": 64, "steps": 4, "save_every": 2,
+       "preview_every": 2, "preview_steps": 2, "template": "name"}
+
+
+def ready(fake: types.SimpleNamespace, monkeypatch, images: Path) -> types.SimpleNamespace:
+    """An installed fake host with the test images in ``<root>/data``, and no job or GPU-queue clock left by an
+    earlier test (the runner's are module globals)."""
+    from lib_ti.hosts import gpu_queue, runner
+
+    shutil.copytree(images, fake.root / "data")
+    monkeypatch.setattr(runner, "JOBS", {})
+    monkeypatch.setattr(gpu_queue, "_clock", {})
+    return fake
 
 
 def install(monkeypatch, root: Path, engine) -> types.SimpleNamespace:

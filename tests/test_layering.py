@@ -22,6 +22,7 @@ LAYERS = [
     ("models", {"models"}),
     ("dataset", {"dataset"}),
     ("hosts", {"hosts"}),
+    ("remote", {"remote"}),  # a running webui over HTTP: the client and built-in-trainer driver of micro/ and bench/
     ("micro", {"micro"}),
     ("bench", {"bench"}),
     ("cli", {"cli", "__main__"}),
@@ -80,7 +81,7 @@ def test_layers_import_only_downwards():
 
 
 def test_nothing_outside_the_hosts_imports_them():
-    """micro/webui_target drives a webui over HTTP; the core, the CLI and the benchmarks never import the adapters."""
+    """remote/ drives a webui over HTTP; the core, the CLI and the benchmarks never import the adapters."""
     wrong = [f"{m} imports {t}" for m, targets in import_graph().items() for t in targets
              if t.startswith("lib_ti.hosts") and not m.startswith("lib_ti.hosts")]
     assert not wrong, wrong

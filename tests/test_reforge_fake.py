@@ -11,28 +11,22 @@ objects as they were. What it cannot prove: that real reForge behaves like the f
 from __future__ import annotations
 
 import hashlib
-import shutil
 
 import fake_reforge
+import fake_webui
 import pytest
 import torch
+from fake_webui import RUN
 
 from lib_ti.config import TrainConfig
 from lib_ti.engine import PreviewRequest
 from lib_ti.errors import TIError
-from lib_ti.hosts import a1111, gpu_queue, registry, runner
-
-RUN = {"init_text": "a photo", "num_vectors": 2, "width": 64, "height": 64, "steps": 4, "save_every": 2,
-       "preview_every": 2, "preview_steps": 2, "template": "name"}
+from lib_ti.hosts import a1111, registry, runner
 
 
 @pytest.fixture()
 def reforge(tmp_path, monkeypatch, engines, images):
-    fake = fake_reforge.install(monkeypatch, tmp_path / "webui", engines("sd1"))
-    shutil.copytree(images, fake.root / "data")
-    monkeypatch.setattr(runner, "JOBS", {})
-    monkeypatch.setattr(gpu_queue, "_clock", {})
-    return fake
+    return fake_webui.ready(fake_reforge.install(monkeypatch, tmp_path / "webui", engines("sd1")), monkeypatch, images)
 
 
 def _weights_hash(model: torch.nn.Module) -> str:

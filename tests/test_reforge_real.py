@@ -132,16 +132,13 @@ def test_train_through_the_api_leaves_the_weights_and_the_embedding_is_used_in_t
 
 @pytest.fixture(scope="module")
 def page(reforge):
+    from test_webui_browser import chromium_page
+
     chromium = os.environ.get("TI_TRAINER_CHROMIUM", "")
     if not chromium:
         pytest.skip("the tab in a browser: set TI_TRAINER_CHROMIUM=<a Chromium executable> (playwright installed)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the package only)")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True)
-        page = browser.new_page(viewport={"width": 1600, "height": 1000})
-        page.set_default_timeout(120_000)
+    with chromium_page(chromium, timeout_ms=120_000) as page:
         yield page
-        browser.close()
 
 
 def test_the_train_embedding_tab_trains_and_publishes(reforge, page):

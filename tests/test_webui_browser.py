@@ -15,6 +15,7 @@ and a txt2img with a checkpoint's name listing that checkpoint in "TI hashes".
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -68,12 +69,19 @@ def webui(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(webui):
+    with chromium_page(CHROMIUM, timeout_ms=60_000) as page:
+        yield page
+
+
+@contextlib.contextmanager
+def chromium_page(executable: str, timeout_ms: int):
+    """A 1600x1000 page in headless Chromium launched from ``executable`` (playwright never downloads one)."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="browser tier: pip install playwright (the "
                                    "package only: Chromium comes from TI_TRAINER_CHROMIUM)")
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
+        browser = p.chromium.launch(executable_path=executable, headless=True)
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
-        page.set_default_timeout(60_000)
+        page.set_default_timeout(timeout_ms)
         yield page
         browser.close()
 

@@ -8,7 +8,6 @@ real webui behaves like the fake; tests/test_webui_real.py runs the same paths i
 
 from __future__ import annotations
 
-import shutil
 import time
 import types
 import typing
@@ -17,6 +16,7 @@ from pathlib import Path
 import fake_webui
 import pytest
 import torch
+from fake_webui import RUN
 
 from lib_ti.config import TrainConfig
 from lib_ti.engine import PreviewRequest
@@ -25,7 +25,6 @@ from lib_ti.hosts import (
     a1111,
     captioner,
     folders,
-    gpu_queue,
     registry,
     runner,
     settings,
@@ -34,17 +33,10 @@ from lib_ti.hosts import (
     webui_tab,
 )
 
-RUN = {"init_text": "a photo", "num_vectors": 2, "width": 64, "height": 64, "steps": 4, "save_every": 2,
-       "preview_every": 2, "preview_steps": 2, "template": "name"}
-
 
 @pytest.fixture()
 def webui(tmp_path, monkeypatch, engines, images):
-    fake = fake_webui.install(monkeypatch, tmp_path / "webui", engines("sd1"))
-    shutil.copytree(images, fake.root / "data")
-    monkeypatch.setattr(runner, "JOBS", {})
-    monkeypatch.setattr(gpu_queue, "_clock", {})
-    return fake
+    return fake_webui.ready(fake_webui.install(monkeypatch, tmp_path / "webui", engines("sd1")), monkeypatch, images)
 
 
 def _train(webui, **changes):
@@ -169,10 +161,7 @@ def test_medvram_hooks_are_lifted_for_the_run_and_put_back(webui):
 
 @pytest.fixture()
 def sdxl_webui(tmp_path, monkeypatch, engines, images):
-    fake = fake_webui.install(monkeypatch, tmp_path / "webui", engines("sdxl"))
-    shutil.copytree(images, fake.root / "data")
-    monkeypatch.setattr(runner, "JOBS", {})
-    monkeypatch.setattr(gpu_queue, "_clock", {})
+    fake = fake_webui.ready(fake_webui.install(monkeypatch, tmp_path / "webui", engines("sdxl")), monkeypatch, images)
     yield fake
     for block in fake.sd_model.model.diffusion_model.down_blocks:  # the tiny engine is shared by the module
         del block.use_checkpoint

@@ -7,22 +7,26 @@ import socket
 
 import pytest
 
-from lib_ti.bench import builtin_api, webui_speed
+from lib_ti.bench import webui_speed
 from lib_ti.bench.webui_speed import WebuiSpeedSettings
 from lib_ti.errors import TIError
+from lib_ti.remote import builtin
 
 
 def test_the_builtins_200_answers_are_read_for_what_they_say():
-    builtin_api.check_train_answer("train embedding complete: filename: /e/x.pt error: None")
+    builtin.check_train_answer("train embedding complete: filename: /e/x.pt error: None")
     with pytest.raises(TIError, match="GroupedBatchSampler.*super\\(\\).__init__\\(\\).*status 200"):
-        builtin_api.check_train_answer("train embedding complete: filename:  error: object.__init__() takes exactly "
-                                       "one argument (the instance to initialize)")
+        builtin.check_train_answer("train embedding complete: filename:  error: object.__init__() takes exactly "
+                                   "one argument (the instance to initialize)")
+    with pytest.raises(TIError, match=r"super\(\)\.__init__\(\)"):
+        builtin.check_train_answer("train embedding complete: filename:  error: Sampler.__init__() takes exactly "
+                                   "one argument (the instance to initialize)")
     with pytest.raises(TIError, match="failed \\(its API answered 200 with\\): 'train embedding error: boom'"):
-        builtin_api.check_train_answer("train embedding error: boom")
+        builtin.check_train_answer("train embedding error: boom")
 
 
 def test_the_builtins_body_never_has_both_intervals_zero():
-    body = builtin_api.train_body(name="n", data_dir="/d", log_dir="/l", steps=15, width=128, height=128)
+    body = builtin.train_body(name="n", data_dir="/d", log_dir="/l", steps=15, width=128, height=128)
     assert body["create_image_every"] == 0 and body["save_embedding_every"] == 15  # one save, at the end
     assert len(body) == 30  # every argument of the host's train_embedding, which its API requires
 

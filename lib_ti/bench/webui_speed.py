@@ -25,8 +25,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from ..errors import TIError
-from . import builtin_api
-from .builtin_api import WebuiClient
+from ..remote import builtin
+from ..remote.client import WebuiClient
 
 POLL_S = 0.25  # each poll is one request the webui serves: often enough for a window of ~10 steps
 SCRATCH = "ti-bench-speed"  # sub-folder of the webui's embeddings folder for the built-in's step-0 copies
@@ -76,13 +76,13 @@ def run(s: WebuiSpeedSettings, progress: Callable[[str], None] = lambda _m: None
             progress(f"pair {pair}: {trainer}, {s.total_steps} steps at {s.resolution}px")
             name = f"tibench-{trainer}-{stamp}-{pair}"
             timed = time_ours if trainer == "ours" else time_builtin
-            runs.append({"pair": pair, "trainer": trainer, **timed(client, s, name, template, pid, flags)})
+            runs.append({"pair": pair, "trainer": trainer, **timed(client, s, name, template, pid)})
     return {"checkpoint": checkpoint, "settings": {k: v for k, v in vars(s).items() if k != "auth"},
             "pid": pid, "runs": runs, "ratios": ratios(runs), "load": _load()}
 
 
 # ---------------------------------------------------------------------- the two trainers
-def time_ours(client: WebuiClient, s: WebuiSpeedSettings, name: str, template: str, pid: int, _flags) -> dict:
+def time_ours(client: WebuiClient, s: WebuiSpeedSettings, name: str, template: str, pid: int) -> dict:
     body = {"name": name, "init_text": s.init_text, "num_vectors": s.vectors, "data_dir": s.data_dir,
             "template": template, "width": s.resolution, "height": s.resolution, "steps": s.total_steps,
             "batch_size": 1, "learning_rate": s.learning_rate, "latent_sampling": "once", "save_every": 0,
@@ -107,20 +107,20 @@ def time_ours(client: WebuiClient, s: WebuiSpeedSettings, name: str, template: s
     return figures
 
 
-def time_builtin(client: WebuiClient, s: WebuiSpeedSettings, name: str, template: str, pid: int, flags) -> dict:
+def time_builtin(client: WebuiClient, s: WebuiSpeedSettings, name: str, template: str, pid: int) -> dict:
     try:
-        register_created(client, name, s, Path(flags["embeddings_dir"]))
+        builtin.create_registered(client, name, vectors=s.vectors, init_text=s.init_text, scratch=SCRATCH)
     except TIError as exc:
         return {"error": str(exc)}
     log_dir = tempfile.mkdtemp(prefix="ti-bench-builtin-")
-    body = builtin_api.train_body(name=name, data_dir=s.data_dir, log_dir=log_dir, steps=s.total_steps,
-                                  width=s.resolution, height=s.resolution, learning_rate=s.learning_rate,
-                                  template=Path(template).name)
+    body = builtin.train_body(name=name, data_dir=s.data_dir, log_dir=log_dir, steps=s.total_steps,
+                              width=s.resolution, height=s.resolution, learning_rate=s.learning_rate,
+                              template=Path(template).name)
     outcome: dict = {}
 
     def call() -> None:
         try:
-            outcome["file"] = builtin_api.train(client, body)
+            outcome["file"] = builtin.final_file(builtin.train(client, body))
         except TIError as exc:
             outcome["error"] = str(exc)
 
@@ -143,31 +143,6 @@ def time_builtin(client: WebuiClient, s: WebuiSpeedSettings, name: str, template
                             f"{s.total_steps} steps were seen: a failure inside its loop is only in its console "
                             "('Error training embedding')")
     return figures
-
-
-def register_created(client: WebuiClient, name: str, s: WebuiSpeedSettings, embeddings_dir: Path) -> None:
-    """The built-in's *Create embedding*, then the file registered. Its pickle check refuses the zip entries a
-    recent torch writes into ``.pt`` files (its own included), so where it did not load it, a copy in torch's
-    legacy (non-zip) format, which the check reads, goes into ``<embeddings>/ti-bench-speed/``. Not a
-    ``.safetensors`` copy: the host reads no step from those, and its trainer then fails on step None."""
-    import torch
-
-    created = Path(builtin_api.create_embedding(client, name, s.vectors, s.init_text))
-    client.call("POST", "/sdapi/v1/refresh-embeddings")
-    if name in _loaded(client):
-        return
-    scratch = embeddings_dir / SCRATCH
-    scratch.mkdir(parents=True, exist_ok=True)
-    data = torch.load(created, map_location="cpu", weights_only=True)  # the host's own file: tensors, str, int
-    torch.save(data, scratch / f"{name}.pt", _use_new_zipfile_serialization=False)
-    client.call("POST", "/sdapi/v1/refresh-embeddings")
-    if name not in _loaded(client):
-        raise TIError(f"the webui did not register the built-in's new embedding {name!r} (nor a legacy-format copy "
-                      f"in {scratch}): is {embeddings_dir} the embeddings folder it loads?")
-
-
-def _loaded(client: WebuiClient) -> set[str]:
-    return set(client.call("GET", "/sdapi/v1/embeddings").get("loaded") or {})
 
 
 # ---------------------------------------------------------------------- timing and memory

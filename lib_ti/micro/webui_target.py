@@ -14,11 +14,10 @@ import base64
 import io
 import json
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from ..errors import TIError
+from ..remote.client import WebuiClient
 from .evaluate import Case
 from .model import NAME
 from .quality import Trained, train_config
@@ -31,32 +30,11 @@ class WebuiTarget:
 
     def __init__(self, url: str, auth: str | None = None, *, timeout_s: float = 3600,
                  progress=lambda _msg: None) -> None:
-        self.url, self.timeout_s, self.progress = url.rstrip("/"), timeout_s, progress
-        self.headers = {"Content-Type": "application/json"}
-        if auth:
-            if ":" not in auth:
-                raise TIError(f"--webui-auth {auth!r} must be user:password (as in the webui's --api-auth)")
-            self.headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode("ascii")
+        self.client, self.timeout_s, self.progress = WebuiClient(url, auth), timeout_s, progress
         self.model = self._loaded_checkpoint()
 
-    # ------------------------------------------------------------------ HTTP
-    def _call(self, method: str, path: str, body: dict | None = None, *, timeout: float = 600) -> dict:
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data=data, method=method, headers=self.headers)
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                return json.loads(response.read() or b"{}")
-        except urllib.error.HTTPError as exc:
-            detail = exc.read().decode(errors="replace")[:500]
-            hint = " (start the webui with --api and, if it uses --api-auth, pass --webui-auth)" \
-                if exc.code in (401, 404) else ""
-            raise TIError(f"the webui at {self.url} answered {exc.code} to {method} {path}: {detail}{hint}") from None
-        except (urllib.error.URLError, OSError) as exc:
-            raise TIError(f"cannot reach the webui at {self.url} ({exc}); start it with --api, or fix --webui-url") \
-                from None
-
     def _loaded_checkpoint(self) -> str:
-        loaded = str(self._call("GET", "/sdapi/v1/options").get("sd_model_checkpoint") or "")
+        loaded = str(self.client.call("GET", "/sdapi/v1/options").get("sd_model_checkpoint") or "")
         if not loaded.startswith(NAME):
             raise TIError(f"the webui has {loaded or 'no checkpoint'!r} loaded; the benchmark needs the micro model: "
                           f"copy lib_ti/assets/micro-sd/{NAME}.safetensors and {NAME}.yaml into its models/"
@@ -71,14 +49,15 @@ class WebuiTarget:
     def train(self, cfg, data_dir: Path):
         # A relative output folder: the webui keeps runs under its own output root, and refuses others.
         tcfg = train_config(cfg, "", data_dir.resolve(), f"bench-quality-{cfg.concept}")
-        job = self._call("POST", "/ti-trainer/v1/train", {k: v for k, v in tcfg.to_dict().items() if k != "model"})
+        body = {k: v for k, v in tcfg.to_dict().items() if k != "model"}
+        job = self.client.call("POST", "/ti-trainer/v1/train", body)
         deadline, last = time.monotonic() + self.timeout_s, -1
         while job["state"] in ("queued", "running", "stopping"):
             if time.monotonic() > deadline:
-                self._call("POST", "/ti-trainer/v1/stop")
+                self.client.call("POST", "/ti-trainer/v1/stop")
                 raise TIError(f"the webui run {job['run_id']} did not finish within {self.timeout_s:.0f}s; stopped it")
             time.sleep(POLL_S)
-            job = self._call("GET", f"/ti-trainer/v1/status?run_id={job['run_id']}")
+            job = self.client.call("GET", f"/ti-trainer/v1/status?run_id={job['run_id']}")
             if job["step"] != last and job["step"] and job["step"] % max(1, cfg.eval_every) == 0:
                 self.progress(f"webui run {job['run_id']}: step {job['step']}/{job['total_steps']}, loss {job['loss']}")
             last = job["step"]
@@ -104,7 +83,7 @@ class WebuiTarget:
     def _txt2img(self, prompt: str, seed: int, cfg):
         from PIL import Image
 
-        answer = self._call("POST", "/sdapi/v1/txt2img", {
+        answer = self.client.call("POST", "/sdapi/v1/txt2img", {
             "prompt": prompt, "negative_prompt": "", "seed": seed, "steps": cfg.sampler_steps,
             "cfg_scale": cfg.cfg_scale, "width": 64, "height": 64, "sampler_name": "Euler", "batch_size": 1,
             "n_iter": 1, "send_images": True, "save_images": False,
