@@ -20,21 +20,29 @@ class StepProfiler:
         self.steps = int(os.environ.get("TI_TRAINER_PROFILE") or 0)
         self.path = Path(os.environ.get("TI_TRAINER_PROFILE_OUT") or run_dir / "profile.txt")
         self.profile: torch.profiler.profile | None = None
+        self.conv_inputs: dict[str, str] = {}  # conv layer -> layout of its input, seen while profiling
+        self.hooks: list = []
 
     def before(self, step: int) -> None:
         """Call before step ``step`` (1-based) runs."""
         if self.steps and step == FIRST_STEP:
             self.profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                                  record_shapes=True)
+                                                  record_shapes=True, with_stack=True)
             self.profile.__enter__()
+            self.hooks = [layer.register_forward_pre_hook(_layout_recorder(self.conv_inputs, name))
+                          for m in self.modules for name, layer in m.named_modules()
+                          if isinstance(layer, torch.nn.Conv2d)]
 
     def after(self, step: int) -> None:
         """Call after step ``step`` ran."""
         if self.profile is not None and step == FIRST_STEP + self.steps - 1:
             self.profile.__exit__(None, None, None)
+            for hook in self.hooks:
+                hook.remove()
             table = self.profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=60)
             self.path.write_text(f"threads {torch.get_num_threads()}, steps {FIRST_STEP}-{step}\n{table}\n"
-                                 f"{_top_stacks(self.profile)}\n{_layouts(self.modules)}\n")
+                                 f"{_top_stacks(self.profile)}\n{_layouts(self.modules)}\n"
+                                 f"{_conv_input_report(self.conv_inputs)}\n")
             self.profile = None
 
 
@@ -51,3 +59,21 @@ def _layouts(modules: list[torch.nn.Module]) -> str:
     odd = [(name, tuple(p.shape), p.stride(), p.dtype) for m in modules for name, p in m.named_parameters()
            if not p.is_contiguous()]
     return f"non-contiguous parameters: {len(odd)}" + "".join(f"\n  {o}" for o in odd[:10])
+
+
+def _layout_recorder(seen: dict[str, str], name: str):
+    """A forward pre-hook noting the memory layout of a conv's input: a channels-last input makes the CPU
+    convolution reorder the whole weight to channels-last on every forward and backward (issue 15)."""
+    def hook(_layer: torch.nn.Module, args: tuple) -> None:
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if x is not None and x.dim() == 4:
+            layout = ("contiguous" if x.is_contiguous() else
+                      "channels_last" if x.is_contiguous(memory_format=torch.channels_last) else "strided")
+            seen[name] = f"{layout} {tuple(x.shape)} {x.stride()}"
+    return hook
+
+
+def _conv_input_report(seen: dict[str, str]) -> str:
+    """How many conv layers got a channels-last input, and which (in call order), for finding its source."""
+    odd = [(n, lay) for n, lay in seen.items() if not lay.startswith("contiguous")]
+    return f"conv inputs not contiguous: {len(odd)} of {len(seen)}" + "".join(f"\n  {n}: {lay}" for n, lay in odd[:12])
