@@ -1,11 +1,18 @@
-"""Conv inputs made contiguous where the host hands them over channels-last (issue 15).
+"""The UNet's convolutions in channels-last memory layout for a run on a CPU (issue 15).
 
-The webui's ``sd_hijack_unet.spatial_transformer_forward`` drops ldm's ``.contiguous()`` after the
-attention, so from the first transformer on every activation of the UNet is a channels-last view. On a
-CPU, torch's convolution then reorders the whole *weight* to channels-last on every forward and every
-backward (``weight.contiguous(channels_last)``): at batch 1 and small latents that is a 59 MB copy per
-1280-channel 3x3 conv per pass, 44 % of a step. Copying the activation instead costs a fraction of that
-wherever it is the smaller tensor, which is the only case this touches.
+Torch's CPU convolution works in the channels-last (NHWC) layout whenever its input or its weight is
+channels-last, and otherwise in NCHW. Two things made the default layout slow there:
+
+- in the webui, ``sd_hijack_unet.spatial_transformer_forward`` drops ldm's ``.contiguous()`` after the
+  attention, so from the first transformer on every activation is a channels-last view while the weights
+  are NCHW: the convolution then reorders the whole *weight* on every forward and every backward (a 59 MB
+  copy per 1280-channel 3x3 conv per pass at batch 1, 44 % of a step);
+- headless, everything is NCHW, and oneDNN's NCHW path is the slower one at the small latents of a run
+  (SD1.5 at 128 px, 1 thread: 6.6-9.3 s per UNet forward and backward, 5.5-6.1 s channels-last).
+
+So for the run every 2-D conv weight is held channels-last (same values, another order of the same
+bytes) and every conv input is made channels-last. Afterwards the weights are put back in their own
+layout: the same Parameter objects with bit-identical values, which the webui's model needs.
 """
 
 from __future__ import annotations
@@ -15,25 +22,44 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+CHANNELS_LAST = torch.channels_last
 
-def _contiguous_input(layer: torch.nn.Module, args: tuple) -> tuple | None:
-    """Forward pre-hook: the input as a contiguous tensor when it is not and is smaller than the weight
-    the convolution would otherwise copy in its place."""
+
+def _channels_last_input(_layer: torch.nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook: a 4-D input in channels-last layout (a no-op when it already is)."""
     x = args[0] if args and isinstance(args[0], torch.Tensor) else None
-    weight = getattr(layer, "weight", None)
-    if x is None or weight is None or x.is_contiguous() or x.numel() >= weight.numel():
+    if x is None or x.dim() != 4 or x.is_contiguous(memory_format=CHANNELS_LAST):
         return None
-    return (x.contiguous(), *args[1:])
+    return (x.contiguous(memory_format=CHANNELS_LAST), *args[1:])
+
+
+def conv_layers(modules: Iterable[torch.nn.Module]) -> list[torch.nn.Conv2d]:
+    """Every 2-D convolution of ``modules``, each once."""
+    seen: dict[int, torch.nn.Conv2d] = {}
+    for module in modules:
+        for layer in module.modules():
+            if isinstance(layer, torch.nn.Conv2d):
+                seen.setdefault(id(layer), layer)
+    return list(seen.values())
 
 
 @contextlib.contextmanager
-def contiguous_conv_inputs(modules: Iterable[torch.nn.Module]) -> Iterator[int]:
-    """Inside the block every 2-D conv of ``modules`` gets a contiguous input (see the module's doc);
-    afterwards the hooks are gone. Yields how many convs are hooked."""
-    handles = [layer.register_forward_pre_hook(_contiguous_input)
-               for m in modules for layer in m.modules() if isinstance(layer, torch.nn.Conv2d)]
+def channels_last_convs(modules: Iterable[torch.nn.Module]) -> Iterator[int]:
+    """Inside the block every 2-D conv of ``modules`` has a channels-last weight and input; afterwards
+    (also after an error) each weight is back in its own layout, bit-identical. Yields how many convs."""
+    convs = conv_layers(modules)
+    moved: list[torch.Tensor] = []
+    handles = []
     try:
-        yield len(handles)
+        for layer in convs:
+            weight = layer.weight
+            if not weight.is_contiguous(memory_format=CHANNELS_LAST):
+                weight.data = weight.data.contiguous(memory_format=CHANNELS_LAST)
+                moved.append(weight)
+            handles.append(layer.register_forward_pre_hook(_channels_last_input))
+        yield len(convs)
     finally:
         for handle in handles:
             handle.remove()
+        for weight in moved:
+            weight.data = weight.data.contiguous()  # NCHW, as every weight not already channels-last was

@@ -20,7 +20,7 @@ class StepProfiler:
         self.steps = int(os.environ.get("TI_TRAINER_PROFILE") or 0)
         self.path = Path(os.environ.get("TI_TRAINER_PROFILE_OUT") or run_dir / "profile.txt")
         self.profile: torch.profiler.profile | None = None
-        self.conv_inputs: dict[str, str] = {}  # conv layer -> layout of its input, seen while profiling
+        self.conv_inputs: dict[str, str] = {}  # conv layer -> its input and weight layouts, where they differ
         self.hooks: list = []
 
     def before(self, step: int) -> None:
@@ -55,25 +55,39 @@ def _top_stacks(profile: torch.profiler.profile, count: int = 8) -> str:
 
 
 def _layouts(modules: list[torch.nn.Module]) -> str:
-    """The weights that are not plain contiguous tensors: the CPU's native convolution copies those per call."""
+    """The weights that are neither contiguous nor channels-last (a run on a CPU holds conv weights
+    channels-last, ``layouts``): the CPU's native convolution copies those per call."""
     odd = [(name, tuple(p.shape), p.stride(), p.dtype) for m in modules for name, p in m.named_parameters()
-           if not p.is_contiguous()]
-    return f"non-contiguous parameters: {len(odd)}" + "".join(f"\n  {o}" for o in odd[:10])
+           if not (p.is_contiguous() or p.is_contiguous(memory_format=torch.channels_last))]
+    return f"weights in an odd layout: {len(odd)}" + "".join(f"\n  {o}" for o in odd[:10])
+
+
+def _layout_of(x: torch.Tensor) -> str:
+    return ("contiguous" if x.is_contiguous() else
+            "channels_last" if x.is_contiguous(memory_format=torch.channels_last) else "strided")
+
+
+def _same_layout(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Both in one memory format (a 1x1 conv's weight is in both at once)."""
+    return any(x.is_contiguous(memory_format=f) and weight.is_contiguous(memory_format=f)
+               for f in (torch.contiguous_format, torch.channels_last))
 
 
 def _layout_recorder(seen: dict[str, str], name: str):
-    """A forward pre-hook noting the memory layout of a conv's input: a channels-last input makes the CPU
-    convolution reorder the whole weight to channels-last on every forward and backward (issue 15)."""
-    def hook(_layer: torch.nn.Module, args: tuple) -> None:
+    """A forward pre-hook noting a conv's input and weight layouts: when they differ the CPU convolution
+    reorders one of them on every forward and backward, the whole weight when the input is channels-last
+    (issue 15: 44 % of a webui step before runs held the weights channels-last)."""
+    def hook(layer: torch.nn.Module, args: tuple) -> None:
         x = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        if x is not None and x.dim() == 4:
-            layout = ("contiguous" if x.is_contiguous() else
-                      "channels_last" if x.is_contiguous(memory_format=torch.channels_last) else "strided")
-            seen[name] = f"{layout} {tuple(x.shape)} {x.stride()}"
+        weight = getattr(layer, "weight", None)
+        if x is not None and x.dim() == 4 and isinstance(weight, torch.Tensor):
+            seen[name] = "" if _same_layout(x, weight) else (
+                f"input {_layout_of(x)} {tuple(x.shape)} {x.stride()}, weight {_layout_of(weight)}")
     return hook
 
 
 def _conv_input_report(seen: dict[str, str]) -> str:
-    """How many conv layers got a channels-last input, and which (in call order), for finding its source."""
-    odd = [(n, lay) for n, lay in seen.items() if not lay.startswith("contiguous")]
-    return f"conv inputs not contiguous: {len(odd)} of {len(seen)}" + "".join(f"\n  {n}: {lay}" for n, lay in odd[:12])
+    """How many conv layers got an input in another layout than their weight, and which (in call order)."""
+    odd = [f"{n}: {mismatch}" for n, mismatch in seen.items() if mismatch]
+    return (f"conv inputs in another layout than their weight: {len(odd)} of {len(seen)}"
+            + "".join(f"\n  {line}" for line in odd[:12]))

@@ -55,6 +55,7 @@ from .formats.embeddings import load_embedding, save_embedding
 from .formats.lora import kohya_metadata, save_lora
 from .halves import held_in_bf16
 from .latents import LatentCache
+from .layouts import channels_last_convs
 from .lora import Adapters
 from .losslog import LossLog
 from .profiling import StepProfiler
@@ -84,7 +85,7 @@ def train(engine: Engine, cfg: TrainConfig, *, data: TrainingData | None = None,
     data = data or prepare_data(cfg)
     with RunLock(cfg.run_dir):
         sweep(cfg.run_dir, cfg.name)
-        with engine.frozen(), held_weights(engine, precision) as held:
+        with engine.frozen(), held_weights(engine, precision) as held, conv_layout(engine):
             engine.set_gradient_checkpointing(cfg.gradient_checkpointing)
             run = _Run.resume(engine, cfg, data, emit) if resume else _Run.start(engine, cfg, data, emit)
             notes = [*data.notes, *run.notes, *compute_notes(engine, held)]
@@ -109,6 +110,17 @@ def held_weights(engine: Engine, precision: torch.dtype) -> Iterator[int]:
         return
     with held_in_bf16(engine.step_modules()) as count:
         yield count
+
+
+@contextlib.contextmanager
+def conv_layout(engine: Engine) -> Iterator[None]:
+    """On a CPU the step's convolutions run channels-last (``layouts``: measured faster there, and in the
+    webui it avoids a weight reorder per conv pass); elsewhere the layout is left as loaded."""
+    if engine.device.type != "cpu" or not engine.cpu_channels_last:
+        yield
+        return
+    with channels_last_convs(engine.step_modules()):
+        yield
 
 
 def compute_notes(engine: Engine, held: int) -> list[str]:

@@ -1,12 +1,13 @@
-"""Conv inputs made contiguous during a webui run on a CPU (issue 15): the host's channels-last views made
-torch copy each big conv weight per forward and backward."""
+"""A run on a CPU holds the UNet's convs channels-last (issue 15): no per-pass weight reorder whatever
+layout the input comes in, and the weights come back bit-identical, in their own layout."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.profiler import profile
 
-from lib_ti.layouts import contiguous_conv_inputs
+from lib_ti.layouts import channels_last_convs
 
 
 def _weight_copies(conv: torch.nn.Conv2d, x: torch.Tensor) -> int:
@@ -17,24 +18,58 @@ def _weight_copies(conv: torch.nn.Conv2d, x: torch.Tensor) -> int:
                if e.key == "aten::copy_" and e.input_shapes and list(e.input_shapes[0]) == list(conv.weight.shape))
 
 
-def test_channels_last_input_costs_weight_copies_and_the_hook_removes_them():
+def _conv() -> torch.nn.Conv2d:
     torch.manual_seed(0)
-    conv = torch.nn.Conv2d(256, 256, 3, padding=1).requires_grad_(False)
+    return torch.nn.Conv2d(256, 256, 3, padding=1).requires_grad_(False)
+
+
+def test_the_hosts_channels_last_activations_cost_no_weight_copy_inside_the_block():
+    conv = _conv()
     x = torch.randn(1, 256, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_(True)
     reference = conv(x.detach().contiguous())
-    assert _weight_copies(conv, x) >= 1  # the cost being avoided (torch's CPU conv reorders the weight)
-    with contiguous_conv_inputs([torch.nn.Sequential(conv)]) as hooked:
+    assert _weight_copies(conv, x) >= 1  # the cost being avoided (torch's CPU conv reorders an NCHW weight)
+    with channels_last_convs([torch.nn.Sequential(conv)]) as hooked:
         assert hooked == 1
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
         assert _weight_copies(conv, x) == 0
+        assert _weight_copies(conv, x.detach().contiguous().requires_grad_(True)) == 0  # headless: NCHW in
         torch.testing.assert_close(conv(x), reference)
-    assert not conv._forward_pre_hooks  # put back after the block
+    assert not conv._forward_pre_hooks
 
 
-def test_inputs_larger_than_the_weight_are_left_as_they_are():
-    conv = torch.nn.Conv2d(4, 4, 1)
-    x = torch.randn(1, 4, 16, 16).contiguous(memory_format=torch.channels_last)
-    seen = []
-    conv.register_forward_hook(lambda _m, args, _out: seen.append(args[0].is_contiguous()))
-    with contiguous_conv_inputs([conv]):
-        conv(x)
-    assert seen == [False]  # copying the activation would cost more than the weight copy it saves
+def test_weights_come_back_bit_identical_in_their_own_layout_also_after_an_error():
+    net = torch.nn.Sequential(_conv(), torch.nn.Conv2d(256, 8, 1))
+    before = [(p, p.detach().clone(), p.stride()) for p in net.parameters()]
+    with pytest.raises(RuntimeError, match="boom"), channels_last_convs([net, net[0]]) as hooked:
+        assert hooked == 2  # each conv once, though named twice
+        net(torch.randn(1, 256, 4, 4))
+        raise RuntimeError("boom")
+    for (param, bits, stride), now in zip(before, net.parameters(), strict=True):
+        assert now is param  # the same Parameter objects the host's model holds
+        assert now.stride() == stride and now.is_contiguous()
+        assert torch.equal(now.detach().reshape(-1).view(torch.int32), bits.reshape(-1).view(torch.int32))
+    assert not any(m._forward_pre_hooks for m in net)
+
+
+def test_a_cpu_run_trains_with_channels_last_convs_and_profiles_no_layout_mismatch(engines, images, tmp_path,
+                                                                                    monkeypatch):
+    from lib_ti.config import TrainConfig
+    from lib_ti.trainer import train
+
+    engine = engines("sd1")
+    before = {k: v.detach().clone() for k, v in engine.unet.state_dict().items()}
+    seen: list[bool] = []
+    hook = engine.unet.conv_in.register_forward_hook(
+        lambda mod, args, _out: seen.append(mod.weight.is_contiguous(memory_format=torch.channels_last)))
+    monkeypatch.setenv("TI_TRAINER_PROFILE", "2")
+    cfg = TrainConfig(name="tok", init_text="a photo", data_dir=str(images), width=64, height=64,
+                      output_dir=str(tmp_path / "run"), steps=4, save_every=0, preview_every=0)
+    try:
+        train(engine, cfg)
+    finally:
+        hook.remove()
+    assert seen and all(seen)  # every step's convs ran on channels-last weights
+    report = (tmp_path / "run" / "profile.txt").read_text()
+    assert "conv inputs in another layout than their weight: 0 of" in report
+    for key, value in engine.unet.state_dict().items():
+        assert value.is_contiguous() and torch.equal(value, before[key]), key

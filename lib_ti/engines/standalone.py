@@ -40,6 +40,8 @@ class Conditioning:
 class StandaloneEngine:
     """Implements ``lib_ti.engine.Engine`` on diffusers components."""
 
+    cpu_channels_last = True
+
     def __init__(self, unet, vae, encoders: list[TextEncoder], scheduler_config: dict, *, family: str,
                  device: torch.device, checkpoint_name: str, checkpoint_hash: str = "") -> None:
         self.unet, self.vae, self.encoders = unet, vae, encoders

@@ -19,7 +19,6 @@ from ..engine import PreviewRequest
 from ..errors import TIError
 from ..fileio import load_torch
 from ..halves import weights_digest
-from ..layouts import contiguous_conv_inputs
 from .a1111_engine import WebuiEngine, model_family, render, reset_conditioning_cache
 from .host import Host, LoadedModel, training_size
 from .registry import loaded_sd_model
@@ -101,13 +100,9 @@ def host_session(engine: WebuiEngine, token: str) -> Iterator[None]:
     db = sd_hijack.model_hijack.embedding_db
     previous = db.word_embeddings.get(token)
     hooks = _medvram_pinned(engine.model)
-    layouts = contextlib.ExitStack()
-    if engine.device.type == "cpu":  # the host's channels-last activations cost a weight copy per conv pass there
-        layouts.enter_context(contiguous_conv_inputs([engine.model.model]))
     try:
         yield
     finally:
-        layouts.close()
         if engine.family == "sdxl":
             engine.restore_checkpoint_flags()
         else:

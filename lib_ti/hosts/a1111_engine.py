@@ -24,6 +24,8 @@ from .gpu_queue import job_state_kept, quiet_total_progress
 class WebuiEngine:
     """Implements ``lib_ti.engine.Engine`` on ``shared.sd_model``."""
 
+    cpu_channels_last = True
+
     def __init__(self, sd_model) -> None:
         from modules import devices
 

@@ -77,6 +77,8 @@ def _objects(sd_model):
 class ForgeEngine:
     """Implements ``lib_ti.engine.Engine`` on Forge's ``shared.sd_model``."""
 
+    cpu_channels_last = False  # its weights are managed (and cast per call) by Forge; not measured there
+
     def __init__(self, sd_model) -> None:
         from backend import memory_management
 

@@ -33,6 +33,8 @@ from .host import Host
 class ReforgeEngine(WebuiEngine):
     """``WebuiEngine`` with the Forge parts of reForge's model loaded and called the way its manager expects."""
 
+    cpu_channels_last = False  # its ldm_patched ops cast weights per call; the layout change is not measured there
+
     def __init__(self, sd_model) -> None:
         super().__init__(sd_model)
         objects = getattr(sd_model, "forge_objects_original", None) or sd_model.forge_objects
