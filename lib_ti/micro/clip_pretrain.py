@@ -136,7 +136,7 @@ def world_tokenizer(out_dir: str | Path, words: Sequence[str] = ()) -> Path:
     tokens, the merges those words use (in the real order, so they split exactly as the full tokenizer splits
     them), the tokens those merges make, BOS and EOS (also the unknown and padding token)."""
     merges, _ = _merges_and_vocab()
-    ranks = {tuple(m.split()): i for i, m in enumerate(merges)}
+    ranks = {(a, b): i for i, (a, b) in enumerate(m.split() for m in merges)}
     used: set[tuple[str, str]] = set()
     for word in words or world_words():
         used |= _bpe(word, ranks)[1]
@@ -369,10 +369,10 @@ def build(cfg: ClipConfig, out_dir: str | Path, *, command: str = "") -> dict:
         model = train_clip(cfg, tokenizer, _progress(cfg.steps, losses))
         train_s = {"wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(time.process_time() - cpu, 1)}
         model.to(torch.float16).save_pretrained(staging, safe_serialization=True)
-        report = {"command": command, "config": dataclasses.asdict(cfg), "training": train_s,
-                  "final_loss": round(sum(losses[-50:]) / max(1, len(losses[-50:])), 4),
-                  "temperature": round(float(model.logit_scale.detach().exp()), 2),
-                  "zero_shot": evaluate(load_clip(str(staging)), cfg), "environment": _environment(cfg)}
+        report: dict = {"command": command, "config": dataclasses.asdict(cfg), "training": train_s,
+                        "final_loss": round(sum(losses[-50:]) / max(1, len(losses[-50:])), 4),
+                        "temperature": round(float(model.logit_scale.detach().exp()), 2),
+                        "zero_shot": evaluate(load_clip(str(staging)), cfg), "environment": _environment(cfg)}
         if cfg.render_eval:
             report["zero_shot"]["micro_sd_renders"] = on_renders(load_clip(str(staging)), cfg.render_eval, cfg.seed)
         report["files_mb"] = round(sum(p.stat().st_size for p in staging.iterdir()) / 1e6, 2)
