@@ -145,6 +145,10 @@ def _add_quality(kinds) -> None:
         "--model", help="a micro-world model: diffusers folder or single file (default: the shipped one)"
     )
     quality.add_argument("--classifier", help="the shapes classifier (default: the shipped one)")
+    quality.add_argument("--clip", nargs="?", const="micro", metavar="DIR",
+                         help="also score the renders with a CLIP model (fidelity, editability) and report their rank "
+                              "correlation with the classifier's figures; bare --clip or 'micro': the shipped micro "
+                              "CLIP (lib_ti/assets/micro-clip)")
     quality.add_argument("--concept", default=d.concept, choices=SHAPES)
     quality.add_argument("--init-text", default=d.init_text)
     for name in ("num_images", "steps", "eval_every", "renders", "sampler_steps", "seed"):
@@ -182,12 +186,23 @@ def run_quality(args: argparse.Namespace) -> int:
         seed=args.seed, out=args.out, train_settings=quality.parse_train_settings(args.train_set))
     quality.train_config(cfg, "", Path(cfg.out), "run")  # a bad setting fails here, before any model loads
     classifier = load_classifier(args.classifier or assets.classifier_file())
+    clip, clip_name = _quality_clip(args.clip)
     target = _quality_target(args)
-    report = quality.run_quality(target, classifier, cfg, progress=say)
+    report = quality.run_quality(target, classifier, cfg, progress=say, clip=clip, clip_name=clip_name)
     print(quality.format_report(report))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+def _quality_clip(name: str | None):
+    if name is None:
+        return None, ""
+    from ..micro.clip_pretrain import clip_folder
+    from ..scoring.clip import load_clip
+
+    folder = str(clip_folder()) if name == "micro" else name
+    return load_clip(folder), folder
 
 
 def _quality_target(args: argparse.Namespace):

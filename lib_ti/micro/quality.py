@@ -15,11 +15,24 @@ The default concept is the triangle: a shape the micro model draws when told pla
 figure measures the embedding, not the model), and one the init word "shape" rarely gives. The
 star and the cross are the model's weakest shapes: their thin arms are finer than the 8x8 latent,
 so even "a red star" comes out a star only about half the time (README, figures per concept).
+
+With ``clip`` (e.g. the shipped micro CLIP, ``lib_ti/assets/micro-clip``) the same renders also get
+the Textual Inversion paper's CLIP scores, and the report says how well they rank the checkpoints
+as the classifier does (Spearman, over the scored checkpoints):
+
+* fidelity: mean CLIP image-image similarity of the renders to the training images, against shape
+  accuracy (does the render show the concept?);
+* editability: mean CLIP image-text similarity of each render to its prompt with the token replaced
+  by the world's neutral word ("a yellow shape on a black background"), against colour-follows-
+  prompt. The neutral word, not the concept's name: with the name the text would also reward the
+  right shape, i.e. fidelity again; with the word simply left out ("a in yellow on ..."), as
+  ``score`` does for open-world prompts, the text is one no caption of the world looks like.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import random
 import time
@@ -29,6 +42,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from PIL import Image
 
 from ..checkpoints import checkpoint_path, lora_checkpoint_path
 from ..config import TrainConfig
@@ -40,10 +54,11 @@ from ..formats.embeddings import load_embedding
 from ..formats.lora import TEXT_PREFIXES, load_lora
 from ..grid import image_grid, save_png
 from ..lora import Adapters
+from ..scoring.score import spearman
 from ..trainer import train
 from .classifier import classify
 from .evaluate import Case, render, score
-from .shapes import COLOUR_NAMES, SHAPES, draw, random_scene
+from .shapes import COLOUR_NAMES, GENERIC_SHAPE, SHAPES, draw, phrase, random_scene
 
 TOKEN_TEMPLATES = (
     "a {token} in {colour} on a {background} background",
@@ -199,10 +214,14 @@ class Row:
     step: int | None
     figures: dict[str, float]
     images: list
+    cases: list[Case] = dataclasses.field(default_factory=list)
 
 
-def run_quality(target, classifier, cfg: QualityConfig, *, progress: Callable[[str], None] = lambda _msg: None) -> dict:
-    """Train through ``target``, render and score every checkpoint; write the grid and report.json to ``cfg.out``."""
+def run_quality(target, classifier, cfg: QualityConfig, *, progress: Callable[[str], None] = lambda _msg: None,
+                clip=None, clip_name: str = "") -> dict:
+    """Train through ``target``, render and score every checkpoint; write the grid and report.json to ``cfg.out``.
+    ``clip`` (a ``lib_ti.scoring.clip.Clip``): also the CLIP scores of the same renders and their rank correlation
+    with the classifier's."""
     out = Path(cfg.out)
     if target.name == "webui" and dict(cfg.train_settings).get("mode") == "pivotal":
         raise TIError("bench quality --engine webui renders the published embedding only, not a LoRA: run mode "
@@ -215,7 +234,11 @@ def run_quality(target, classifier, cfg: QualityConfig, *, progress: Callable[[s
     trained, tcfg = target.train(cfg, data_dir)
     train_s = time.perf_counter() - t_train
     rows = _render_rows(target, classifier, cfg, progress)
+    if clip is not None:
+        add_clip_scores(clip, rows, cfg, [Image.open(p).convert("RGB") for p in sorted(data_dir.glob("*.png"))])
     report = _report(cfg, tcfg, rows, trained, train_s, time.perf_counter() - t0, target)
+    if clip is not None:
+        report["clip"] = clip_agreement(report["rows"], clip_name)
     report["grid"] = str(_write_grid(cfg, rows, out / "grid.png"))
     write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     return report
@@ -230,8 +253,35 @@ def _render_rows(target, classifier, cfg: QualityConfig, progress) -> list[Row]:
     for label, step, cases in plans:
         progress(f"rendering {len(cases)} prompts: {label}")
         images = target.render(cfg, cases, step)
-        rows.append(Row(label, step, score(classify(classifier, images), cases), images))
+        rows.append(Row(label, step, score(classify(classifier, images), cases), images, cases))
     return rows
+
+
+def edit_texts(cases: list[Case]) -> list[str]:
+    """What editability compares each render with: its prompt's colour and background, the shape unnamed."""
+    return [f"a {phrase(GENERIC_SHAPE, c.colour, c.background)}" for c in cases]
+
+
+def add_clip_scores(clip, rows: list[Row], cfg: QualityConfig, training_images: list) -> None:
+    """Each row's ``clip_fidelity`` and ``clip_editability`` (module docstring), from the renders it holds."""
+    reference = clip.image_features(training_images)
+    for row in rows:
+        feats = clip.image_features(row.images)
+        row.figures["clip_fidelity"] = float((feats @ reference.T).mean())
+        texts = clip.text_features(edit_texts(row.cases))
+        row.figures["clip_editability"] = float((feats * texts).sum(dim=1).mean())
+
+
+CLIP_PAIRS = (("clip_fidelity", "shape"), ("clip_editability", "colour"), ("clip_editability", "background"))
+
+
+def clip_agreement(rows: list[dict], clip_name: str) -> dict:
+    """Spearman's rank correlation between each CLIP score and the classifier's figure it should track, over the
+    checkpoints (not the init word nor the plain word rows); None where undefined (a constant column)."""
+    checkpoints = [r for r in rows if r["step"]]
+    rho = {f"{a}~{b}": spearman([r[a] for r in checkpoints], [r[b] for r in checkpoints]) for a, b in CLIP_PAIRS}
+    return {"model": clip_name, "checkpoints": len(checkpoints),
+            "spearman": {k: None if v is None else round(v, 3) for k, v in rho.items()}}
 
 
 def _report(cfg: QualityConfig, tcfg, rows: list[Row], trained: Trained, train_s: float, total_s: float,
@@ -273,9 +323,12 @@ def _write_grid(cfg: QualityConfig, rows: list[Row], path: Path) -> Path:
 
 
 def format_report(report: dict) -> str:
-    lines = [f"{'':<22}{'shape':>7}{'colour':>8}{'backgr.':>9}{'all':>6}"]
+    with_clip = "clip" in report
+    lines = [f"{'':<22}{'shape':>7}{'colour':>8}{'backgr.':>9}{'all':>6}"
+             + (f"{'clip fid.':>11}{'clip edit.':>11}" if with_clip else "")]
     for r in report["rows"]:
-        lines.append(f"{r['label']:<22}{r['shape']:>7.2f}{r['colour']:>8.2f}{r['background']:>9.2f}{r['all']:>6.2f}")
+        lines.append(f"{r['label']:<22}{r['shape']:>7.2f}{r['colour']:>8.2f}{r['background']:>9.2f}{r['all']:>6.2f}"
+                     + (f"{r['clip_fidelity']:>11.3f}{r['clip_editability']:>11.3f}" if with_clip else ""))
     bench = report["bench"]
     lines += [
         f"renders       {bench['renders']} prompts per row ({bench['sampler_steps']} Euler steps, "
@@ -284,10 +337,18 @@ def format_report(report: dict) -> str:
         f"training      {report['steps_done']} steps in {report['train_wall_s']:.1f}s "
         f"({report['train_s_per_step']:.3f} s/step); " + _settings_text(report),
         _milestones_text(report["milestones"]),
+        *([_clip_text(report["clip"])] if with_clip else []),
         f"engine        {report['engine']} on {report['model']}",
         f"total         {report['total_wall_s']:.1f}s; grid {report['grid']}; embedding {report['embedding']}",
     ]
     return "\n".join(lines)
+
+
+def _clip_text(clip: dict) -> str:
+    rho = ", ".join(f"{k.replace('clip_', '').replace('~', ' ~ ')} {'n/a' if v is None else f'{v:+.2f}'}"
+                    for k, v in clip["spearman"].items())
+    return (f"clip          {clip['model']}: Spearman over {clip['checkpoints']} checkpoints: {rho} (fidelity: "
+            "to the training images; editability: to the prompt with 'shape' for the token)")
 
 
 def _settings_text(report: dict) -> str:

@@ -143,6 +143,35 @@ def balance(values: Sequence[float]) -> list[float]:
     return [1.0 if high == low else (v - low) / (high - low) for v in values]
 
 
+def ranks(values: Sequence[float]) -> list[float]:
+    """1-based ranks, ties sharing the mean of the ranks they span (1, 2.5, 2.5, 4)."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    out = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for i in order[start:end + 1]:
+            out[i] = (start + end) / 2 + 1
+        start = end + 1
+    return out
+
+
+def spearman(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    """Spearman's rank correlation (the Pearson correlation of the ranks, so ties are handled); None when it
+    is undefined: fewer than two pairs, or one side constant."""
+    if len(xs) != len(ys):
+        raise ValueError(f"spearman: {len(xs)} values against {len(ys)}")
+    if len(xs) < 2:
+        return None
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    vx, vy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return None if vx == 0 or vy == 0 else cov / (vx * vy) ** 0.5
+
+
 def recommend(rows: list[CheckpointScore]) -> int:
     """The step with the best rescaled fidelity + editability; the earliest on a tie."""
     for row, f, e in zip(rows, balance([r.fidelity for r in rows]), balance([r.editability for r in rows]),
