@@ -75,21 +75,23 @@ def matmul_parameters(modules: Iterable[torch.nn.Module]) -> list[torch.nn.Param
 def held_in_bf16(modules: Iterable[torch.nn.Module]) -> Iterator[int]:
     """Inside the block the matmul weights of ``modules`` are bfloat16; afterwards (also after an error)
     every one is bit-identical to before. Yields the number of weights converted."""
-    undo: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor | None]] = []
+    undo: list[tuple[torch.nn.Parameter, torch.Tensor | None, torch.Tensor | None]] = []  # (p, remainder, original)
     try:
         for p in matmul_parameters(modules):
             if p.dtype == torch.float32:
                 high, low = split_float32(p.data)
                 p.data = high
-                undo.append((p, high, low))
+                undo.append((p, low, None))
             elif p.dtype != torch.bfloat16 and p.dtype.is_floating_point:
                 original = p.data
                 p.data = original.to(torch.bfloat16)
-                undo.append((p, original, None))
+                undo.append((p, None, original))
         yield len(undo)
     finally:
-        for param, kept, remainder in reversed(undo):
-            param.data = join_float32(kept, remainder) if remainder is not None else kept
+        # The bfloat16 half is read back from the parameter, not kept here: a run may hold it in another
+        # layout meanwhile (``layouts``), and a reference kept here would keep a second copy alive.
+        for param, remainder, original in reversed(undo):
+            param.data = join_float32(param.data, remainder) if remainder is not None else original
 
 
 def weights_digest(modules: Iterable[torch.nn.Module]) -> str:

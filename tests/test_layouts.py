@@ -73,3 +73,17 @@ def test_a_cpu_run_trains_with_channels_last_convs_and_profiles_no_layout_mismat
     assert "conv inputs in another layout than their weight: 0 of" in report
     for key, value in engine.unet.state_dict().items():
         assert value.is_contiguous() and torch.equal(value, before[key]), key
+
+
+def test_inside_a_bf16_hold_the_layout_change_still_restores_every_bit():
+    from lib_ti.halves import held_in_bf16
+
+    net = torch.nn.Sequential(_conv(), torch.nn.Conv2d(256, 8, 1))
+    before = [p.detach().clone() for p in net.parameters()]
+    with held_in_bf16([net]), channels_last_convs([net]):
+        assert net[0].weight.dtype == torch.bfloat16
+        assert net[0].weight.is_contiguous(memory_format=torch.channels_last)
+        net(torch.randn(1, 256, 4, 4, dtype=torch.bfloat16))
+    for now, bits in zip(net.parameters(), before, strict=True):
+        assert now.dtype == torch.float32 and now.is_contiguous()
+        assert torch.equal(now.detach().reshape(-1).view(torch.int32), bits.reshape(-1).view(torch.int32))
