@@ -21,6 +21,8 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from .heap import Trimmer
+
 MATMUL_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 
 
@@ -75,23 +77,29 @@ def matmul_parameters(modules: Iterable[torch.nn.Module]) -> list[torch.nn.Param
 def held_in_bf16(modules: Iterable[torch.nn.Module]) -> Iterator[int]:
     """Inside the block the matmul weights of ``modules`` are bfloat16; afterwards (also after an error)
     every one is bit-identical to before. Yields the number of weights converted."""
-    undo: list[tuple[torch.nn.Parameter, torch.Tensor | None, torch.Tensor | None]] = []  # (p, remainder, original)
+    undo: list[tuple[torch.nn.Parameter, torch.Tensor, bool]] = []  # (p, its remainder or its original, split)
     try:
         for p in matmul_parameters(modules):
             if p.dtype == torch.float32:
                 high, low = split_float32(p.data)
                 p.data = high
-                undo.append((p, low, None))
+                undo.append((p, low, True))
             elif p.dtype != torch.bfloat16 and p.dtype.is_floating_point:
                 original = p.data
                 p.data = original.to(torch.bfloat16)
-                undo.append((p, None, original))
+                undo.append((p, original, False))
         yield len(undo)
     finally:
         # The bfloat16 half is read back from the parameter, not kept here: a run may hold it in another
         # layout meanwhile (``layouts``), and a reference kept here would keep a second copy alive.
-        for param, remainder, original in reversed(undo):
-            param.data = join_float32(param.data, remainder) if remainder is not None else original
+        trimmer = Trimmer()
+        while undo:  # popped, so each remainder is freed as soon as its weight is back
+            param, kept, split = undo.pop()
+            held = param.data.nbytes + (kept.nbytes if split else 0)
+            param.data = join_float32(param.data, kept) if split else kept
+            del kept
+            trimmer.freed(held)
+        trimmer.done()
 
 
 def weights_digest(modules: Iterable[torch.nn.Module]) -> str:

@@ -22,6 +22,8 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from .heap import Trimmer
+
 CHANNELS_LAST = torch.channels_last
 
 
@@ -51,15 +53,21 @@ def channels_last_convs(modules: Iterable[torch.nn.Module]) -> Iterator[int]:
     moved: list[torch.Tensor] = []
     handles = []
     try:
+        trimmer = Trimmer()
         for layer in convs:
             weight = layer.weight
             if not weight.is_contiguous(memory_format=CHANNELS_LAST):
                 weight.data = weight.data.contiguous(memory_format=CHANNELS_LAST)
                 moved.append(weight)
+                trimmer.freed(weight.data.nbytes)
             handles.append(layer.register_forward_pre_hook(_channels_last_input))
+        trimmer.done()
         yield len(convs)
     finally:
         for handle in handles:
             handle.remove()
+        trimmer = Trimmer()
         for weight in moved:
             weight.data = weight.data.contiguous()  # NCHW, as every weight not already channels-last was
+            trimmer.freed(weight.data.nbytes)
+        trimmer.done()
