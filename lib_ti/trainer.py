@@ -55,7 +55,7 @@ from .formats.embeddings import load_embedding, save_embedding
 from .formats.lora import kohya_metadata, save_lora
 from .halves import held_in_bf16
 from .latents import LatentCache
-from .layouts import channels_last_convs
+from .layouts import channels_last_convs, contiguous_conv_inputs
 from .lora import Adapters
 from .losslog import LossLog
 from .profiling import StepProfiler
@@ -85,7 +85,7 @@ def train(engine: Engine, cfg: TrainConfig, *, data: TrainingData | None = None,
     data = data or prepare_data(cfg)
     with RunLock(cfg.run_dir):
         sweep(cfg.run_dir, cfg.name)
-        with engine.frozen(), held_weights(engine, precision) as held, conv_layout(engine):
+        with engine.frozen(), held_weights(engine, precision) as held, conv_layout(engine, precision):
             engine.set_gradient_checkpointing(cfg.gradient_checkpointing)
             run = _Run.resume(engine, cfg, data, emit) if resume else _Run.start(engine, cfg, data, emit)
             notes = [*data.notes, *run.notes, *compute_notes(engine, held)]
@@ -113,14 +113,18 @@ def held_weights(engine: Engine, precision: torch.dtype) -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def conv_layout(engine: Engine) -> Iterator[None]:
-    """On a CPU the step's convolutions run channels-last (``layouts``: measured faster there, and in the
-    webui it avoids a weight reorder per conv pass); elsewhere the layout is left as loaded."""
-    if engine.device.type != "cpu" or not engine.cpu_channels_last:
+def conv_layout(engine: Engine, precision: torch.dtype) -> Iterator[None]:
+    """On a CPU a float32 run holds the step's convolutions channels-last, a bf16 run keeps them NCHW with
+    NCHW inputs: the faster layout of each there (``layouts``), and in the webui either avoids a weight
+    reorder per conv pass. Elsewhere the layout is left as loaded."""
+    if engine.device.type != "cpu":
         yield
-        return
-    with channels_last_convs(engine.step_modules()):
-        yield
+    elif precision == torch.float32 and engine.cpu_channels_last:
+        with channels_last_convs(engine.step_modules()):
+            yield
+    else:
+        with contiguous_conv_inputs(engine.step_modules()):
+            yield
 
 
 def compute_notes(engine: Engine, held: int) -> list[str]:

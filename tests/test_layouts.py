@@ -1,5 +1,5 @@
-"""A run on a CPU holds the UNet's convs channels-last (issue 15): no per-pass weight reorder whatever
-layout the input comes in, and the weights come back bit-identical, in their own layout."""
+"""Conv layouts of a run on a CPU (issue 15): float32 runs hold the convs channels-last, bf16 runs keep
+them NCHW with NCHW inputs; neither reorders a weight per pass, and the weights come back bit-identical."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.profiler import profile
 
-from lib_ti.layouts import channels_last_convs
+from lib_ti import devices
+from lib_ti.layouts import channels_last_convs, contiguous_conv_inputs
 
 
 def _weight_copies(conv: torch.nn.Conv2d, x: torch.Tensor) -> int:
@@ -87,3 +88,41 @@ def test_inside_a_bf16_hold_the_layout_change_still_restores_every_bit():
     for now, bits in zip(net.parameters(), before, strict=True):
         assert now.dtype == torch.float32 and now.is_contiguous()
         assert torch.equal(now.detach().reshape(-1).view(torch.int32), bits.reshape(-1).view(torch.int32))
+
+
+def test_nchw_weights_get_contiguous_inputs_instead_of_reordering_the_weight():
+    conv = _conv()
+    x = torch.randn(1, 256, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    reference = conv(x.detach().contiguous())
+    with contiguous_conv_inputs([torch.nn.Sequential(conv)]) as hooked:
+        assert hooked == 1
+        assert _weight_copies(conv, x) == 0
+        torch.testing.assert_close(conv(x), reference)
+    assert not conv._forward_pre_hooks
+
+
+def test_inputs_larger_than_the_weight_are_left_as_they_are():
+    conv = torch.nn.Conv2d(4, 4, 1)
+    x = torch.randn(1, 4, 16, 16).contiguous(memory_format=torch.channels_last)
+    seen = []
+    conv.register_forward_hook(lambda _m, args, _out: seen.append(args[0].is_contiguous()))
+    with contiguous_conv_inputs([conv]):
+        conv(x)
+    assert seen == [False]  # copying the activation would cost more than the weight copy it saves
+
+
+@pytest.mark.skipif(not devices.cpu_has_bf16(), reason="this CPU has no bfloat16 instructions")
+def test_a_bf16_run_keeps_nchw_convs(engines, images, tmp_path):
+    from lib_ti.config import TrainConfig
+    from lib_ti.trainer import train
+
+    engine = engines("sd1")
+    seen: list[bool] = []
+    hook = engine.unet.conv_in.register_forward_hook(lambda mod, args, _out: seen.append(mod.weight.is_contiguous()))
+    cfg = TrainConfig(name="tok", init_text="a photo", data_dir=str(images), width=64, height=64,
+                      output_dir=str(tmp_path / "run"), steps=2, save_every=0, preview_every=0, precision="bf16")
+    try:
+        train(engine, cfg)
+    finally:
+        hook.remove()
+    assert seen and all(seen)  # bf16's channels-last path is the slower one on a CPU
