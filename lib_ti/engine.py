@@ -29,7 +29,7 @@ class Engine(Protocol):
     checkpoint_name: str  # shown in saved files: where the vectors were trained
     checkpoint_hash: str
     token_norms: dict[str, float]  # per encoder, the largest norm of a token embedding: the scale vectors live at
-    cpu_channels_last: bool  # on a CPU, the run holds the UNet's convs channels-last (``layouts``): measured there
+    cpu_channels_last: bool  # a float32 run on a CPU may hold the UNet's convs channels-last (``layouts``)
 
     def init_vectors(self, init_text: str, num_vectors: int) -> dict[str, torch.Tensor]:
         """float32 CPU vectors [num_vectors, width] per encoder, spread from init_text's tokens."""
