@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import reprlib
+from collections.abc import Callable
+from typing import NoReturn
 
 PREFIX = "[TI Trainer]"
 
@@ -31,6 +33,19 @@ def say(message: str) -> None:
     import sys
 
     print(f"{PREFIX} {message}", file=sys.stderr, flush=True)
+
+
+def exit_with(main: Callable[[], int]) -> NoReturn:
+    """The ``python -m`` entry of a module with a ``main`` of its own: its exit code, or for a TIError the
+    one-line message on stderr and exit code 2."""
+    import sys
+
+    try:
+        code = main()
+    except TIError as exc:
+        print(str(exc), file=sys.stderr)
+        code = 2
+    sys.exit(code)
 
 
 _SHOWN = reprlib.Repr()

@@ -45,7 +45,7 @@ def bpe_vocab_path() -> Path:
     )
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """Map each byte to a printable unicode character, as GPT-2 / CLIP do (order matters: it fixes the ids)."""
     ranges = (("!", "~"), ("¡", "¬"), ("®", "ÿ"))
     printable = [b for lo, hi in ranges for b in range(ord(lo), ord(hi) + 1)]
@@ -60,10 +60,10 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 @lru_cache(maxsize=1)
-def _merges_and_vocab() -> tuple[tuple[str, ...], dict[str, int]]:
+def merges_and_vocab() -> tuple[tuple[str, ...], dict[str, int]]:
     lines = gzip.open(bpe_vocab_path()).read().decode("utf-8").split("\n")
     merges = tuple(lines[1 : _NUM_MERGES + 1])
-    base = list(_bytes_to_unicode().values())
+    base = list(bytes_to_unicode().values())
     tokens = base + [b + "</w>" for b in base] + ["".join(m.split()) for m in merges] + [BOS, EOS]
     if len(tokens) != VOCAB_SIZE:
         raise TIError(
@@ -81,7 +81,7 @@ def write_clip_tokenizer(out_dir: str | Path, *, pad_token: str = EOS) -> Path:
     the OpenCLIP encoders (SD2, SDXL's second encoder). The files are plain JSON/text so
     old transformers (the webui pins 4.30) read them as well as new ones.
     """
-    merges, vocab = _merges_and_vocab()
+    merges, vocab = merges_and_vocab()
     if pad_token not in vocab:
         raise TIError(
             f"pad_token {pad_token!r} is not in the CLIP vocabulary; use '{EOS}' (SD1) or '!' (SD2/SDXL OpenCLIP)"

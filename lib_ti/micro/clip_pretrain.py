@@ -40,9 +40,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..errors import PREFIX, TIError
-from ..formats.clip_tokenizer import BOS, EOS, _bytes_to_unicode, _merges_and_vocab
-from ..scoring.clip import prepare_image
+from ..errors import PREFIX, TIError, exit_with
+from ..formats.clip_tokenizer import BOS, EOS, bytes_to_unicode, merges_and_vocab
+from ..scoring.clip import features, pixel_batch
 from ..scoring.defaults import EDIT_PROMPTS
 from ..templates import BUILTIN_TEMPLATES, NAME
 from .classifier import classify, roughen, to_image, to_pixels
@@ -110,7 +110,7 @@ def _words(text: str) -> list[str]:
 
 def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> tuple[list[str], set[tuple[str, str]]]:
     """CLIP's BPE of one word: its pieces, and the merges that made them."""
-    byte_map = _bytes_to_unicode()
+    byte_map = bytes_to_unicode()
     chars = [byte_map[b] for b in word.encode("utf-8")]
     pieces = [*chars[:-1], chars[-1] + "</w>"]
     used = set()
@@ -135,13 +135,13 @@ def world_tokenizer(out_dir: str | Path, words: Sequence[str] = ()) -> Path:
     """Write the micro model's CLIP tokenizer cut down to ``words`` (default ``world_words()``): the 512 byte
     tokens, the merges those words use (in the real order, so they split exactly as the full tokenizer splits
     them), the tokens those merges make, BOS and EOS (also the unknown and padding token)."""
-    merges, _ = _merges_and_vocab()
+    merges, _ = merges_and_vocab()
     ranks = {(a, b): i for i, (a, b) in enumerate(m.split() for m in merges)}
     used: set[tuple[str, str]] = set()
     for word in words or world_words():
         used |= _bpe(word, ranks)[1]
     kept = sorted(used, key=ranks.__getitem__)
-    base = list(_bytes_to_unicode().values())
+    base = list(bytes_to_unicode().values())
     tokens = [*base, *(b + "</w>" for b in base), *("".join(m) for m in kept), BOS, EOS]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -213,10 +213,6 @@ def positives(scenes: Sequence[Scene], said: Sequence[Said]) -> torch.Tensor:
     return torch.tensor([[float(s.fits(scene)) for s in said] for scene in scenes])
 
 
-def clip_pixels(images: Sequence, size: int = IMAGE_SIZE) -> torch.Tensor:
-    return torch.stack([prepare_image(im, size) for im in images])
-
-
 def _round_trip_pool(cfg: ClipConfig) -> tuple[list[Scene], list] | None:
     """Fresh scenes through the shipped micro model's VAE (encode, decode): how renders look."""
     if not cfg.round_trip_pool:
@@ -264,7 +260,7 @@ def batch(rng: random.Random, generator: torch.Generator, cfg: ClipConfig,
         scenes += [pool[0][i] for i in picks]
         images += [pool[1][i] for i in picks]
     captions, said = zip(*(clip_caption(s, rng, cfg) for s in scenes), strict=True)
-    return clip_pixels(images), list(captions), positives(scenes, said)
+    return pixel_batch(images, IMAGE_SIZE), list(captions), positives(scenes, said)
 
 
 def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -295,9 +291,8 @@ def train_clip(cfg: ClipConfig, tokenizer, log=lambda _step, _loss: None):
         for c in set(captions) - set(ids):
             ids[c] = tokenizer(c, truncation=True).input_ids
         tokens = tokenizer.pad({"input_ids": [ids[c] for c in captions]}, return_tensors="pt")
-        image = model.get_image_features(pixel_values=pixels)
-        text = model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
-        image, text = (x if isinstance(x, torch.Tensor) else x.pooler_output for x in (image, text))
+        image = features(model.get_image_features(pixel_values=pixels))
+        text = features(model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask))
         loss = contrastive_loss(image, text, model.logit_scale.exp(), pos)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -447,8 +442,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    try:
-        sys.exit(main())
-    except TIError as exc:
-        print(str(exc), file=sys.stderr)
-        sys.exit(2)
+    exit_with(main)

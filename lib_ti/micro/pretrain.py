@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from ..engine import add_noise, min_snr_weights
 from ..engines.standalone import StandaloneEngine, TextEncoder
-from ..errors import PREFIX, TIError
+from ..errors import PREFIX, TIError, exit_with
 from ..grid import image_grid, save_png
 from ..models.tiny import sd_scheduler
 from . import model as micro
@@ -406,8 +406,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    try:
-        sys.exit(main())
-    except TIError as exc:
-        print(str(exc), file=sys.stderr)
-        sys.exit(2)
+    exit_with(main)

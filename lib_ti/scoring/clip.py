@@ -44,7 +44,7 @@ class Clip:
         return _unit(_tensors([feats])[0])
 
     def pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        return torch.stack([prepare_image(im, self.image_size) for im in images]).to(self.device)
+        return pixel_batch(images, self.image_size).to(self.device)
 
 
 def prepare_image(image: Image.Image, size: int) -> torch.Tensor:
@@ -60,9 +60,19 @@ def prepare_image(image: Image.Image, size: int) -> torch.Tensor:
     return (x.float() / 255 - mean) / std
 
 
+def pixel_batch(images: Sequence[Image.Image], size: int) -> torch.Tensor:
+    """[N, 3, size, size]: ``prepare_image`` of each image."""
+    return torch.stack([prepare_image(im, size) for im in images])
+
+
+def features(output) -> torch.Tensor:
+    """``get_image_features`` / ``get_text_features`` as a tensor: newer transformers may return a model
+    output object rather than a tensor; then its pooled features."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
 def _tensors(outputs: list) -> list[torch.Tensor]:
-    """Newer transformers may return a model output object rather than a tensor: take its pooled features."""
-    return [o if isinstance(o, torch.Tensor) else o.pooler_output for o in outputs]
+    return [features(o) for o in outputs]
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
