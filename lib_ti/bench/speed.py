@@ -7,6 +7,7 @@ Fixed conditions: 16 synthetic images at the chosen resolution (no bucketing), t
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import platform
@@ -14,7 +15,7 @@ import random
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from ..errors import TIError, say
 from ..models.real import build_random_engine
 from ..models.tiny import build_tiny_model
 from ..trainer import train
+from .limits import GemmCounter, floors, format_limits, matmul_peak_tflops
 
 TINY_ARCHES = ("tiny-sd1", "tiny-sd2", "tiny-sdxl")
 REAL_ARCHES = ("sd15", "sd21", "sdxl")
@@ -53,12 +55,15 @@ class SpeedSettings:
     weights: str = "auto"  # the frozen weights' dtype: auto (the precision's), fp32, fp16, bf16
     compile: str = ""  # "" (eager) or a torch.compile mode for the UNet
     reproduce: str = ""  # "" (this trainer) or "builtin"
+    limits: bool = False  # also count the step's matrix products and give this device's floors (limits.py)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.warmup < 0:
             raise TIError(f"bench needs --steps >= 1 and --warmup >= 0, got {self.steps} and {self.warmup}")
         if not self.model and self.arch not in TINY_ARCHES + REAL_ARCHES:
             raise TIError(f"bench --arch {self.arch!r} is unknown: use one of {', '.join(TINY_ARCHES + REAL_ARCHES)}")
+        if self.limits and self.compile:
+            raise TIError("bench --limits counts the products of an eager step: leave out --compile")
         for name, value, allowed in (("weights", self.weights, ("auto", *DTYPES)), ("compile", self.compile,
                                      COMPILE_MODES), ("reproduce", self.reproduce, REPRODUCTIONS)):
             if value not in allowed:
@@ -103,7 +108,33 @@ def measure_speed(args: SpeedSettings, device: torch.device, tmp: Path) -> dict:
 
     t_train = time.perf_counter()
     train(engine, cfg, on_event=on_event)
-    return _figures(args, device, label, load_s, t_train, record)
+    figures = _figures(args, device, label, load_s, t_train, record)
+    if args.limits:
+        figures["limits"] = step_limits(engine, cfg, tmp, device)
+    return figures
+
+
+def step_limits(engine, cfg: TrainConfig, tmp: Path, device: torch.device) -> dict:
+    """One more step of the same run, its matrix products counted (not timed: the counter slows it), and the
+    floors this device sets for them (limits.py)."""
+    counter = GemmCounter()
+    counting = contextlib.ExitStack()
+
+    def on_event(event):
+        if isinstance(event, events.Started):
+            counting.enter_context(counter)
+        elif isinstance(event, events.Step):
+            counting.close()
+
+    data_dir = draw_images(tmp / "count-images", cfg.batch_size, cfg.width)
+    with counting:
+        train(engine, replace(cfg, data_dir=str(data_dir), output_dir=str(tmp / "count-run"), steps=1, log_every=1),
+              on_event=on_event)
+    flops_by_dtype: collections.Counter[str] = collections.Counter()
+    for g, calls in counter.counts.items():
+        flops_by_dtype[g.dtype] += g.flops * calls
+    main_dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[flops_by_dtype.most_common(1)[0][0]]
+    return floors(counter.counts, device, matmul_peak_tflops(str(device), main_dtype))
 
 
 def build_engine(args: SpeedSettings, device: torch.device, tmp: Path):
@@ -202,5 +233,6 @@ def format_report(f: dict) -> str:
             f"first step  {f['time_to_first_step_s']:.2f}s = load {f['model_load_s']:.2f}s + data/latents "
             f"{f['data_and_latents_s']:.2f}s + step 1 {f['first_step_s']:.2f}s (+ overhead)",
             f"memory      {mem}",
+            *(format_limits(f["limits"], 1 / f["steps_per_s_median"]) if "limits" in f else []),
         ]
     )

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..errors import TIError, say
+from .limits import matmul_peak_tflops
 from .speed import SpeedSettings
 
 # Ideal FLOPs of one TI training image (UNet forward + activation-only backward + text encoders; no VAE,
@@ -102,34 +103,6 @@ def _run_in_process_of_its_own(settings: SpeedSettings, json_path: Path, timeout
         lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
         return None, lines[-1][:300] if lines else f"exit code {proc.returncode}"
     return json.loads(json_path.read_text()), ""
-
-
-def matmul_peak_tflops(device_name: str, dtype_name: str, size: int = 0) -> float:
-    """TFLOP/s of a square matmul in ``dtype`` on ``device``: the peak the MFU column is measured against."""
-    import torch
-
-    from ..devices import DTYPES, choose_device
-
-    device = choose_device(device_name)
-    dtype = DTYPES[dtype_name]
-    size = size or (8192 if device.type == "cuda" else 2048)
-    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
-    for _ in range(3):  # warm-up: kernel choice, clocks
-        a @ b
-    _sync(device)
-    repeats = 20 if device.type == "cuda" else 3
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    _sync(device)
-    return 2 * size**3 * repeats / (time.perf_counter() - t0) / 1e12
-
-
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def useful_mfu(row: Row, peaks: dict[str, float]) -> float | None:

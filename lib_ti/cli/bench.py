@@ -52,6 +52,10 @@ def _add_speed(kinds) -> None:
     speed.add_argument("--reproduce", default=d.reproduce, choices=REPRODUCTIONS[1:],
                        help="builtin: time a reproduction of the webui's built-in trainer's step instead (UNet "
                             "weight grads, gradient checkpointing), for a ratio where the webui cannot run")
+    speed.add_argument("--limits", action="store_true",
+                       help="also count the step's matrix products (one more, untimed step) and print this device's "
+                            "floors for them: at the square-matmul peak and at the rates it reaches for the step's "
+                            "own GEMM shapes (takes a few seconds to a minute more)")
     speed.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
     webui = speed.add_argument_group("in a running webui (--engine webui)")
     webui.add_argument("--engine", default="standalone", choices=ENGINES,
@@ -71,6 +75,9 @@ def _add_speed(kinds) -> None:
 
 
 def run_speed(args: argparse.Namespace) -> int:
+    if args.engine == "webui" and args.limits:
+        raise TIError("bench speed --limits counts a headless step: leave out --engine webui (the same "
+                      "architecture and resolution headless give the floors)")
     if args.engine == "webui":
         return _run_webui_speed(args)
     from ..bench import speed  # heavy: torch
@@ -79,7 +86,7 @@ def run_speed(args: argparse.Namespace) -> int:
         model=args.model, arch=args.arch, resolution=args.resolution, batch_size=args.batch_size, steps=args.steps,
         warmup=args.warmup, vectors=args.vectors, precision=args.precision,
         gradient_checkpointing=args.gradient_checkpointing, device=args.device, weights=args.weights,
-        compile=args.compile, reproduce=args.reproduce)
+        compile=args.compile, reproduce=args.reproduce, limits=args.limits)
     figures = speed.run(settings)
     print(speed.format_report(figures))
     if args.json_out:
