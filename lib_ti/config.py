@@ -28,6 +28,7 @@ Precision = Literal["auto", "fp32", "fp16", "bf16"]
 ClipMode = Literal["none", "value", "norm"]
 Crop = Literal["center", "random", "squash"]
 LatentSampling = Literal["random", "deterministic", "once"]
+Timesteps = Literal["stratified", "uniform"]
 Optimizer = Literal["adamw", "prodigy"]
 SaveFormat = Literal["safetensors", "pt"]
 Mode = Literal["embedding", "pivotal"]
@@ -106,6 +107,11 @@ class TrainConfig:
                                   setting=True)
     gradient_checkpointing: bool = option(False, "trade ~45% speed for memory; only when memory asks",
                                           section=TRAINING)
+    timesteps: Timesteps = option("uniform", "how each sample's noise level is drawn: uniform = independent "
+                                  "draws, as the webui's own trainer does; stratified = a low-discrepancy sequence "
+                                  "over the run (any stretch of steps covers the levels evenly, the same expected "
+                                  "loss; on the micro model within noise of uniform)",
+                                  label="Timestep sampling", section=TRAINING)
     noise_offset: float = option(0.0, "0 = off; 0.05-0.1 lets the model learn darker and brighter images than "
                                  "plain noise allows (added per image and channel)", section=TRAINING)
     seed: int = option(0, "seeds data order, noise and timesteps: same seed, same run", section=TRAINING)

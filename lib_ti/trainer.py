@@ -284,7 +284,8 @@ class _Run:
         batch = self.draw_batch(micro)
         generator = torch.Generator().manual_seed(step_seed(self.cfg.seed, self.step, micro, "noise"))
         with self.dropout_rng(micro):
-            loss = batch_loss(self.engine, self.cfg, batch, self.vectors, generator, self.precision)
+            first_sample = (self.step * self.cfg.grad_accum + micro) * self.cfg.batch_size
+            loss = batch_loss(self.engine, self.cfg, batch, self.vectors, generator, self.precision, first_sample)
             loss = loss / self.cfg.grad_accum
             self.scaler.scale(loss).backward()
         return loss.detach()
@@ -497,11 +498,16 @@ def _check_resumable(state: TrainingState, engine: Engine) -> None:
 # ---------------------------------------------------------------------- small helpers
 
 def batch_loss(engine: Engine, cfg: TrainConfig, batch: Batch, vectors: dict[str, torch.Tensor],
-               generator: torch.Generator, precision: torch.dtype) -> torch.Tensor:
-    """The denoising loss of one batch, in float32; noise and timesteps come from ``generator``."""
+               generator: torch.Generator, precision: torch.dtype, first_sample: int | None = None) -> torch.Tensor:
+    """The denoising loss of one batch, in float32; noise (and uniform timesteps) come from ``generator``;
+    stratified timesteps from ``first_sample``, the run's index of the batch's first sample."""
     device = engine.device
     noise = torch.randn(batch.latents.shape, generator=generator)
-    timesteps = torch.randint(0, len(engine.alphas_cumprod), (noise.shape[0],), generator=generator).to(device)
+    count, levels = noise.shape[0], len(engine.alphas_cumprod)
+    if cfg.timesteps == "stratified" and first_sample is not None:
+        timesteps = stratified_timesteps(levels, first_sample, count, cfg.seed).to(device)
+    else:
+        timesteps = torch.randint(0, levels, (count,), generator=generator).to(device)
     if cfg.noise_offset:  # one offset per image and channel (Crosslabs' noise offset), drawn after the rest
         noise = noise + cfg.noise_offset * torch.randn(noise.shape[:2] + (1, 1), generator=generator)
     noise = noise.to(device)
@@ -534,6 +540,21 @@ def evaluate_loss(engine: Engine, cfg: TrainConfig, data: TrainingData, vectors:
             generator = torch.Generator().manual_seed(seed + 1000 + draw)
             total += batch_loss(engine, cfg, batch, vectors, generator, torch.float32).item() * len(indices) / count
     return total / draws
+
+GOLDEN = (5**0.5 - 1) / 2
+
+
+def stratified_timesteps(levels: int, first: int, count: int, seed: int) -> torch.Tensor:
+    """Timesteps of the run's samples ``first .. first + count - 1``: the golden-ratio sequence u_i = frac(u_0 +
+    i * 0.618...) scaled to ``levels``, with u_0 from the seed. Any stretch of it covers [0, 1) almost evenly
+    (a low-discrepancy sequence), so the noise levels a run trains on do not clump by chance as independent
+    draws do; each draw alone is still uniform, so the expected loss is the same. Depends only on (seed,
+    index): resuming needs no state."""
+    u0 = torch.rand((), generator=torch.Generator().manual_seed(step_seed(seed, 0, 0, "timesteps")),
+                    dtype=torch.float64).item()
+    u = [(u0 + i * GOLDEN) % 1.0 for i in range(first, first + count)]
+    return torch.tensor([min(int(x * levels), levels - 1) for x in u], dtype=torch.long)
+
 
 def step_seed(seed: int, step: int, micro: int, purpose: str) -> int:
     """A seed that depends only on (seed, step, micro-batch, purpose): exact resume needs no RNG state."""
