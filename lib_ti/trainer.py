@@ -500,7 +500,8 @@ def _check_resumable(state: TrainingState, engine: Engine) -> None:
 def batch_loss(engine: Engine, cfg: TrainConfig, batch: Batch, vectors: dict[str, torch.Tensor],
                generator: torch.Generator, precision: torch.dtype, first_sample: int | None = None) -> torch.Tensor:
     """The denoising loss of one batch, in float32; noise (and uniform timesteps) come from ``generator``;
-    stratified timesteps from ``first_sample``, the run's index of the batch's first sample."""
+    stratified timesteps from ``first_sample``, the run's index of the batch's first sample (None, as for
+    evaluate_loss's fixed draws: uniform)."""
     device = engine.device
     noise = torch.randn(batch.latents.shape, generator=generator)
     count, levels = noise.shape[0], len(engine.alphas_cumprod)
@@ -540,6 +541,7 @@ def evaluate_loss(engine: Engine, cfg: TrainConfig, data: TrainingData, vectors:
             generator = torch.Generator().manual_seed(seed + 1000 + draw)
             total += batch_loss(engine, cfg, batch, vectors, generator, torch.float32).item() * len(indices) / count
     return total / draws
+
 
 GOLDEN = (5**0.5 - 1) / 2
 

@@ -42,9 +42,9 @@ def test_a_grouped_convolutions_gemms_are_per_group():
     with GemmCounter() as counter:
         conv(x).sum().backward()
     assert counter.counts == collections.Counter({
-        Gemm(2, 32, 36, 8, "float32"): 1,  # forward: pixels x (inputs x kernel) x outputs
-        Gemm(2, 32, 8, 36, "float32"): 1,  # the input's grad
-        Gemm(2, 8, 32, 36, "float32"): 1,  # the weight's grad
+        Gemm(2, 32, 36, 8, torch.float32): 1,  # forward: pixels x (inputs x kernel) x outputs
+        Gemm(2, 32, 8, 36, torch.float32): 1,  # the input's grad
+        Gemm(2, 8, 32, 36, torch.float32): 1,  # the weight's grad
     })
 
 
@@ -61,7 +61,7 @@ def test_cpu_attention_is_counted_forward_and_backward():
 
 
 def test_floors_add_up_by_shape():
-    counts = collections.Counter({Gemm(1, 16, 256, 256, "float32"): 3, Gemm(1, 256, 256, 256, "float32"): 1})
+    counts = collections.Counter({Gemm(1, 16, 256, 256, torch.float32): 3, Gemm(1, 256, 256, 256, torch.float32): 1})
     lim = floors(counts, torch.device("cpu"), peak_tflops=0.1)
     total = 3 * 2 * 16 * 256 * 256 + 2 * 256**3
     assert lim["step_gflop"] == pytest.approx(total / 1e9)

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-aten = torch.ops.aten
 _ATTENTION = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
               "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
 
@@ -36,7 +35,7 @@ class Gemm:
     m: int
     k: int
     n: int
-    dtype: str
+    dtype: torch.dtype
 
     @property
     def flops(self) -> int:
@@ -57,7 +56,11 @@ class GemmCounter(TorchDispatchMode):
 
     @property
     def flops(self) -> int:
-        return sum(g.flops * calls for g, calls in self.counts.items())
+        return total_flops(self.counts)
+
+
+def total_flops(counts: collections.Counter[Gemm]) -> int:
+    return sum(g.flops * calls for g, calls in counts.items())
 
 
 def gemms_of(op: str, args, out) -> list[Gemm]:
@@ -65,7 +68,7 @@ def gemms_of(op: str, args, out) -> list[Gemm]:
     if op in ("mm", "addmm", "bmm", "baddbmm"):
         a, b = args[-2:] if op in ("addmm", "baddbmm") else args[:2]
         batch = a.shape[0] if a.dim() == 3 else 1
-        return [Gemm(batch, a.shape[-2], a.shape[-1], b.shape[-1], _name(a.dtype))]
+        return [Gemm(batch, a.shape[-2], a.shape[-1], b.shape[-1], a.dtype)]
     if op == "convolution":
         return [_conv_gemm(args[0], args[1], out, groups=args[8], transposed=args[6])]
     if op == "convolution_backward":
@@ -80,14 +83,10 @@ def gemms_of(op: str, args, out) -> list[Gemm]:
     return []
 
 
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _conv_gemm(x, w, out, groups: int, transposed: bool) -> Gemm:
     """A convolution as the GEMM of its im2col form: output pixels x (input channels x kernel) x outputs
     (transposed: input pixels x input channels x (outputs x kernel), then col2im)."""
-    area, dtype = w[0, 0].numel(), _name(x.dtype)
+    area, dtype = w[0, 0].numel(), x.dtype
     if transposed:  # weight [in, out / groups, kh, kw]
         pixels = x.shape[0] * x[0, 0].numel()
         return Gemm(groups, pixels, w.shape[0] // groups, w.shape[1] * area, dtype)
@@ -97,7 +96,7 @@ def _conv_gemm(x, w, out, groups: int, transposed: bool) -> Gemm:
 
 def _conv_backward_gemms(grad_out, x, w, groups: int, transposed: bool, mask) -> list[Gemm]:
     """The input's grad (the output's grads back through W) and the weight's, each as a GEMM."""
-    area, dtype = w[0, 0].numel(), _name(grad_out.dtype)
+    area, dtype = w[0, 0].numel(), grad_out.dtype
     if transposed:
         pixels, inputs, outputs = x.shape[0] * x[0, 0].numel(), w.shape[0] // groups, w.shape[1] * area
         grad_input = Gemm(groups, pixels, outputs, inputs, dtype)
@@ -110,14 +109,14 @@ def _conv_backward_gemms(grad_out, x, w, groups: int, transposed: bool, mask) ->
 
 
 def _attention_gemms(q, k, v) -> list[Gemm]:
-    heads, dtype = q.shape[0] * q.shape[1], _name(q.dtype)
+    heads, dtype = q.shape[0] * q.shape[1], q.dtype
     return [Gemm(heads, q.shape[-2], q.shape[-1], k.shape[-2], dtype),  # scores = Q K^T
             Gemm(heads, q.shape[-2], k.shape[-2], v.shape[-1], dtype)]  # out = P V
 
 
 def _attention_backward_gemms(grad_out, q, k, v) -> list[Gemm]:
     """Flash backward: the scores recomputed, then dP, dV, dQ, dK (as torch's own formula counts it)."""
-    heads, dtype = q.shape[0] * q.shape[1], _name(q.dtype)
+    heads, dtype = q.shape[0] * q.shape[1], q.dtype
     lq, lk, d, dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     return [Gemm(heads, lq, d, lk, dtype), Gemm(heads, lq, dv, lk, dtype), Gemm(heads, lk, lq, dv, dtype),
             Gemm(heads, lq, lk, d, dtype), Gemm(heads, d, lq, lk, dtype)]
@@ -126,10 +125,9 @@ def _attention_backward_gemms(grad_out, q, k, v) -> list[Gemm]:
 # ---------------------------------------------------------------------- rates
 def gemm_rate(g: Gemm, device: torch.device, min_s: float = 0.05) -> float:
     """FLOP/s this device reaches for the product ``g`` (repeated for at least ``min_s`` seconds)."""
-    dtype = getattr(torch, g.dtype)
     shape_a, shape_b = ((g.batch, g.m, g.k), (g.batch, g.k, g.n)) if g.batch > 1 else ((g.m, g.k), (g.k, g.n))
-    a = torch.randn(shape_a, device=device).to(dtype)
-    b = torch.randn(shape_b, device=device).to(dtype)
+    a = torch.randn(shape_a, device=device).to(g.dtype)
+    b = torch.randn(shape_b, device=device).to(g.dtype)
     torch.matmul(a, b)  # warm-up: kernel choice
     _sync(device)
     repeats, t0 = 0, time.perf_counter()
@@ -168,7 +166,7 @@ def _sync(device: torch.device) -> None:
 def floors(counts: collections.Counter[Gemm], device: torch.device, peak_tflops: float) -> dict:
     """The step's FLOPs, both floors (seconds) and the shape floor's share by GEMM row count."""
     rates = {g: gemm_rate(g, device) for g in counts}
-    total = sum(g.flops * c for g, c in counts.items())
+    total = total_flops(counts)
     by_rows: dict[int, dict[str, float]] = {}
     for g, calls in counts.items():
         row = by_rows.setdefault(g.m, {"gflop": 0.0, "floor_s": 0.0})
@@ -178,7 +176,7 @@ def floors(counts: collections.Counter[Gemm], device: torch.device, peak_tflops:
         "step_gflop": total / 1e9,
         "peak_tflops": peak_tflops,
         "floor_peak_s": total / (peak_tflops * 1e12),
-        "floor_shapes_s": sum(g.flops * c / rates[g] for g, c in counts.items()),
+        "floor_shapes_s": sum(row["floor_s"] for row in by_rows.values()),
         "by_rows": {m: {**row, "gflop_per_s": row["gflop"] / row["floor_s"]}
                     for m, row in sorted(by_rows.items())},
     }

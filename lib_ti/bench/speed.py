@@ -130,11 +130,12 @@ def step_limits(engine, cfg: TrainConfig, tmp: Path, device: torch.device) -> di
     with counting:
         train(engine, replace(cfg, data_dir=str(data_dir), output_dir=str(tmp / "count-run"), steps=1, log_every=1),
               on_event=on_event)
-    flops_by_dtype: collections.Counter[str] = collections.Counter()
+    flops_by_dtype: collections.Counter[torch.dtype] = collections.Counter()
     for g, calls in counter.counts.items():
         flops_by_dtype[g.dtype] += g.flops * calls
-    main_dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[flops_by_dtype.most_common(1)[0][0]]
-    return floors(counter.counts, device, matmul_peak_tflops(str(device), main_dtype))
+    main_dtype = flops_by_dtype.most_common(1)[0][0]  # the peak is measured in the dtype doing most of the work
+    dtype_name = next(name for name, dtype in DTYPES.items() if dtype == main_dtype)
+    return floors(counter.counts, device, matmul_peak_tflops(str(device), dtype_name))
 
 
 def build_engine(args: SpeedSettings, device: torch.device, tmp: Path):
