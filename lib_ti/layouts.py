@@ -16,18 +16,30 @@ put back in their own layout: the same Parameter objects with bit-identical valu
 model needs. In bfloat16 oneDNN's channels-last path is the slower one (SD1.5 at 128 px, 2 threads:
 1.62-1.66 s/step against 1.22-1.33 NCHW), so a bf16 run keeps NCHW weights and makes the host's
 channels-last inputs contiguous instead (``contiguous_conv_inputs``), which avoids the weight reorder too.
+
+At the smallest latents of a run the oneDNN convolution is slow in both dtypes: it reorders the whole
+weight into its blocked format on every pass, which at a 4x4 or 2x2 latent costs more than the product
+itself (SD1.5's 2560->1280 3x3 conv at 4x4, forward and backward, 2 threads: 92 ms float32
+channels-last, 51 ms bf16). Torch's own im2col convolution (``thnn_conv2d``) multiplies the weight as
+it lies: 17 and 8 ms. So ``native_small_convs`` sends every conv whose output has at most
+``SMALL_CONV_ROWS`` rows (batch x pixels) there; it picks the same kernel torch picks itself for small
+float32 inputs, only by the output's size instead of the input's.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+import functools
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
 from .heap import Trimmer
 
 CHANNELS_LAST = torch.channels_last
+# At batch x output pixels up to this, the im2col kernel beat oneDNN's (SD1.5's convs at 8x8 and below,
+# batch 1; at batch 4 from 4x4): measured per shape, forward and backward, float32 and bf16, 2 threads.
+SMALL_CONV_ROWS = 64
 
 
 def _channels_last_input(_layer: torch.nn.Module, args: tuple) -> tuple | None:
@@ -96,3 +108,39 @@ def contiguous_conv_inputs(modules: Iterable[torch.nn.Module]) -> Iterator[int]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _small_conv_forward(layer: torch.nn.Conv2d, fallback: Callable, x: torch.Tensor, weight: torch.Tensor,
+                        bias: torch.Tensor | None) -> torch.Tensor:
+    """``Conv2d._conv_forward`` for a run on a CPU: torch's im2col convolution where the output is small
+    and the conv is a plain one (zero padding, no dilation, one group), ``fallback`` otherwise."""
+    if (x.device.type == "cpu" and x.dim() == 4 and layer.groups == 1 and layer.padding_mode == "zeros"
+            and layer.dilation == (1, 1) and not isinstance(layer.padding, str)
+            and x.shape[0] * _out_pixels(x, layer) <= SMALL_CONV_ROWS):
+        return torch.ops.aten.thnn_conv2d(x, weight, layer.kernel_size, bias, layer.stride, layer.padding)
+    return fallback(x, weight, bias)
+
+
+def _out_pixels(x: torch.Tensor, layer: torch.nn.Conv2d) -> int:
+    (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
+    return ((x.shape[2] + 2 * ph - kh) // sh + 1) * ((x.shape[3] + 2 * pw - kw) // sw + 1)
+
+
+@contextlib.contextmanager
+def native_small_convs(modules: Iterable[torch.nn.Module]) -> Iterator[int]:
+    """Inside the block every 2-D conv of ``modules`` runs torch's im2col kernel for small outputs (see the
+    module's docstring). The hook sits on ``_conv_forward``, below any host forward that patches or casts
+    the weight first (the webui's Lora, Forge's casts), so what is multiplied is what the host would use.
+    Afterwards each layer is as it was. Yields how many convs."""
+    convs = conv_layers(modules)
+    own = [(layer, layer.__dict__.get("_conv_forward")) for layer in convs]
+    for layer in convs:
+        layer._conv_forward = functools.partial(_small_conv_forward, layer, layer._conv_forward)  # type: ignore[method-assign]
+    try:
+        yield len(convs)
+    finally:
+        for layer, before in own:
+            if before is None:
+                del layer._conv_forward
+            else:
+                layer._conv_forward = before  # type: ignore[method-assign]

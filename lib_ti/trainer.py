@@ -55,7 +55,7 @@ from .formats.embeddings import load_embedding, save_embedding
 from .formats.lora import kohya_metadata, save_lora
 from .halves import held_in_bf16
 from .latents import LatentCache
-from .layouts import channels_last_convs, contiguous_conv_inputs
+from .layouts import channels_last_convs, contiguous_conv_inputs, native_small_convs
 from .lora import Adapters
 from .losslog import LossLog
 from .profiling import StepProfiler
@@ -116,15 +116,15 @@ def held_weights(engine: Engine, precision: torch.dtype) -> Iterator[int]:
 def conv_layout(engine: Engine, precision: torch.dtype) -> Iterator[None]:
     """On a CPU a float32 run holds the step's convolutions channels-last, a bf16 run keeps them NCHW with
     NCHW inputs: the faster layout of each there (``layouts``), and in the webui either avoids a weight
-    reorder per conv pass. Elsewhere the layout is left as loaded."""
+    reorder per conv pass; the convs at the smallest latents run torch's im2col kernel. Elsewhere the
+    layout is left as loaded."""
     if engine.device.type != "cpu":
         yield
-    elif precision == torch.float32 and engine.cpu_channels_last:
-        with channels_last_convs(engine.step_modules()):
-            yield
-    else:
-        with contiguous_conv_inputs(engine.step_modules()):
-            yield
+        return
+    layout = (channels_last_convs if precision == torch.float32 and engine.cpu_channels_last
+              else contiguous_conv_inputs)
+    with layout(engine.step_modules()), native_small_convs(engine.step_modules()):
+        yield
 
 
 def compute_notes(engine: Engine, held: int) -> list[str]:

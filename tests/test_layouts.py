@@ -1,5 +1,6 @@
 """Conv layouts of a run on a CPU (issue 15): float32 runs hold the convs channels-last, bf16 runs keep
-them NCHW with NCHW inputs; neither reorders a weight per pass, and the weights come back bit-identical."""
+them NCHW with NCHW inputs; neither reorders a weight per pass, and the weights come back bit-identical.
+Convs with small outputs run torch's im2col kernel."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from torch.profiler import profile
 
 from lib_ti import devices
-from lib_ti.layouts import channels_last_convs, contiguous_conv_inputs
+from lib_ti.layouts import SMALL_CONV_ROWS, channels_last_convs, contiguous_conv_inputs, native_small_convs
 
 
 def _weight_copies(conv: torch.nn.Conv2d, x: torch.Tensor) -> int:
@@ -126,3 +127,82 @@ def test_a_bf16_run_keeps_nchw_convs(engines, images, tmp_path):
     finally:
         hook.remove()
     assert seen and all(seen)  # bf16's channels-last path is the slower one on a CPU
+
+
+def _kernels(conv: torch.nn.Module, x: torch.Tensor) -> set[str]:
+    """The aten convolution kernels a forward and backward of ``conv`` on ``x`` runs."""
+    with profile() as p:
+        conv(x).sum().backward()
+    return {e.key for e in p.key_averages() if e.key in KERNELS}
+
+
+KERNELS = ("aten::_slow_conv2d_forward", "aten::_slow_conv2d_backward", "aten::mkldnn_convolution")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [(2048, 3, 1, 1, 4), (2048, 3, 2, 1, 8), (2048, 1, 1, 0, 4)],
+                         ids=["3x3", "3x3 stride 2", "1x1"])
+def test_small_convs_run_torchs_im2col_kernel_with_the_same_output_and_grads(shape, layout):
+    channels, kernel, stride, padding, size = shape
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(channels, 64, kernel, stride=stride, padding=padding).requires_grad_(False)
+    x = torch.randn(1, channels, size, size)
+    if layout == "channels_last":  # as a float32 run holds them (``channels_last_convs``)
+        conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    reference = conv(x)
+    (reference_grad,) = torch.autograd.grad(reference.square().sum(), x)
+    if kernel > 1:  # torch's own pick for 3x3s with inputs of > 20480 values (for a 1x1 it varies with the threads)
+        assert "aten::mkldnn_convolution" in _kernels(conv, x)
+    with native_small_convs([torch.nn.Sequential(conv)]) as hooked:
+        assert hooked == 1
+        out = conv(x)
+        (grad,) = torch.autograd.grad(out.square().sum(), x)
+        assert _kernels(conv, x) == {"aten::_slow_conv2d_forward", "aten::_slow_conv2d_backward"}
+    torch.testing.assert_close(out, reference)
+    torch.testing.assert_close(grad, reference_grad)
+    assert "_conv_forward" not in conv.__dict__
+
+
+def test_larger_outputs_and_other_convs_keep_the_forward_they_had_which_comes_back_afterwards():
+    calls: list[tuple] = []
+    convs = [torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1, groups=2),
+             torch.nn.Conv2d(8, 8, 3, padding=2, dilation=2), torch.nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect")]
+    for conv in convs:
+        original = conv._conv_forward
+        conv._conv_forward = lambda x, w, b, original=original, conv=conv: (calls.append(conv), original(x, w, b))[1]
+    recorder = convs[0]._conv_forward
+    big = torch.randn(1, 8, 9, 9)  # 81 output rows
+    assert 81 > SMALL_CONV_ROWS
+    with native_small_convs(convs):
+        convs[0](big)
+        convs[0](torch.randn(1, 8, 4, 4))  # small: torch's im2col kernel, not the recorder
+        for conv in convs[1:]:
+            conv(torch.randn(1, 8, 4, 4))
+    assert calls == convs  # the big input and every conv that is not a plain one went the usual way
+    assert convs[0]._conv_forward is recorder
+
+
+def test_the_weight_a_host_forward_hands_on_is_the_one_multiplied():
+    class Patched(torch.nn.Conv2d):  # like the webui's Lora or Forge's casts: the weight changes before the product
+        def forward(self, x):
+            return self._conv_forward(x, self.weight * 2, self.bias)
+
+    conv = Patched(8, 8, 3, padding=1).requires_grad_(False)
+    x = torch.randn(1, 8, 4, 4)
+    reference = conv(x)
+    with native_small_convs([conv]):
+        torch.testing.assert_close(conv(x), reference)
+
+
+def test_the_limits_counter_counts_the_im2col_kernel_as_the_convolution():
+    from lib_ti.bench.limits import GemmCounter
+
+    conv = torch.nn.Conv2d(16, 32, 3, padding=1).requires_grad_(False)
+    x = torch.randn(1, 16, 4, 4, requires_grad=True)
+    with GemmCounter() as usual:
+        conv(x).sum().backward()
+    with native_small_convs([conv]), GemmCounter() as im2col:
+        conv(x).sum().backward()
+    assert im2col.counts == usual.counts and im2col.flops > 0

@@ -74,6 +74,11 @@ def gemms_of(op: str, args, out) -> list[Gemm]:
     if op == "convolution_backward":
         grad_out, x, w = args[:3]
         return _conv_backward_gemms(grad_out, x, w, groups=args[9], transposed=args[7], mask=args[10])
+    if op == "_slow_conv2d_forward":  # torch's im2col kernel (``layouts.native_small_convs``)
+        return [_conv_gemm(args[0], args[1], out, groups=1, transposed=False)]
+    if op == "_slow_conv2d_backward":
+        grad_out, x, w = args[:3]
+        return _conv_backward_gemms(grad_out, x, w, groups=1, transposed=False, mask=args[6])
     if op in _ATTENTION:
         q, k, v = args[:3]
         return _attention_gemms(q, k, v)
