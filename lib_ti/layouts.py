@@ -114,15 +114,16 @@ def _small_conv_forward(layer: torch.nn.Conv2d, fallback: Callable, x: torch.Ten
                         bias: torch.Tensor | None) -> torch.Tensor:
     """``Conv2d._conv_forward`` for a run on a CPU: torch's im2col convolution where the output is small
     and the conv is a plain one (zero padding, no dilation, one group), ``fallback`` otherwise."""
+    padding = layer.padding
     if (x.device.type == "cpu" and x.dim() == 4 and layer.groups == 1 and layer.padding_mode == "zeros"
-            and layer.dilation == (1, 1) and not isinstance(layer.padding, str)
-            and x.shape[0] * _out_pixels(x, layer) <= SMALL_CONV_ROWS):
-        return torch.ops.aten.thnn_conv2d(x, weight, layer.kernel_size, bias, layer.stride, layer.padding)
+            and layer.dilation == (1, 1) and not isinstance(padding, str)
+            and x.shape[0] * _out_pixels(x, layer.kernel_size, layer.stride, padding) <= SMALL_CONV_ROWS):
+        return torch.ops.aten.thnn_conv2d(x, weight, layer.kernel_size, bias, layer.stride, padding)
     return fallback(x, weight, bias)
 
 
-def _out_pixels(x: torch.Tensor, layer: torch.nn.Conv2d) -> int:
-    (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
+def _out_pixels(x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], padding: tuple[int, ...]) -> int:
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     return ((x.shape[2] + 2 * ph - kh) // sh + 1) * ((x.shape[3] + 2 * pw - kw) // sw + 1)
 
 

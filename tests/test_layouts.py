@@ -61,8 +61,9 @@ def test_a_cpu_run_trains_with_channels_last_convs_and_profiles_no_layout_mismat
     engine = engines("sd1")
     before = {k: v.detach().clone() for k, v in engine.unet.state_dict().items()}
     seen: list[bool] = []
-    hook = engine.unet.conv_in.register_forward_hook(
-        lambda mod, args, _out: seen.append(mod.weight.is_contiguous(memory_format=torch.channels_last)))
+    hook = engine.unet.conv_in.register_forward_hook(  # channels-last, and the small-conv kernel's hook in place
+        lambda mod, args, _out: seen.append(mod.weight.is_contiguous(memory_format=torch.channels_last)
+                                            and "_conv_forward" in mod.__dict__))
     monkeypatch.setenv("TI_TRAINER_PROFILE", "2")
     cfg = TrainConfig(name="tok", init_text="a photo", data_dir=str(images), width=64, height=64,
                       output_dir=str(tmp_path / "run"), steps=4, save_every=0, preview_every=0)
@@ -73,6 +74,8 @@ def test_a_cpu_run_trains_with_channels_last_convs_and_profiles_no_layout_mismat
     assert seen and all(seen)  # every step's convs ran on channels-last weights
     report = (tmp_path / "run" / "profile.txt").read_text()
     assert "conv inputs in another layout than their weight: 0 of" in report
+    assert "aten::_slow_conv2d_forward" in report  # the tiny model's 8x8 latents: every conv is a small one
+    assert not any("_conv_forward" in m.__dict__ for m in engine.unet.modules())
     for key, value in engine.unet.state_dict().items():
         assert value.is_contiguous() and torch.equal(value, before[key]), key
 
@@ -166,9 +169,10 @@ def test_small_convs_run_torchs_im2col_kernel_with_the_same_output_and_grads(sha
 
 
 def test_larger_outputs_and_other_convs_keep_the_forward_they_had_which_comes_back_afterwards():
-    calls: list[tuple] = []
+    calls: list[torch.nn.Conv2d] = []
     convs = [torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1, groups=2),
-             torch.nn.Conv2d(8, 8, 3, padding=2, dilation=2), torch.nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect")]
+             torch.nn.Conv2d(8, 8, 3, padding=2, dilation=2),
+             torch.nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect")]
     for conv in convs:
         original = conv._conv_forward
         conv._conv_forward = lambda x, w, b, original=original, conv=conv: (calls.append(conv), original(x, w, b))[1]
