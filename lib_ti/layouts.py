@@ -115,11 +115,26 @@ def _small_conv_forward(layer: torch.nn.Conv2d, fallback: Callable, x: torch.Ten
     """``Conv2d._conv_forward`` for a run on a CPU: torch's im2col convolution where the output is small
     and the conv is a plain one (zero padding, no dilation, one group), ``fallback`` otherwise."""
     padding = layer.padding
-    if (x.device.type == "cpu" and x.dim() == 4 and layer.groups == 1 and layer.padding_mode == "zeros"
+    if not (x.device.type == "cpu" and x.dim() == 4 and layer.groups == 1 and layer.padding_mode == "zeros"
             and layer.dilation == (1, 1) and not isinstance(padding, str)
             and x.shape[0] * _out_pixels(x, layer.kernel_size, layer.stride, padding) <= SMALL_CONV_ROWS):
-        return torch.ops.aten.thnn_conv2d(x, weight, layer.kernel_size, bias, layer.stride, padding)
-    return fallback(x, weight, bias)
+        return fallback(x, weight, bias)
+    dtype = _cpu_autocast_dtype()
+    if dtype is not None:  # autocast does not know this op: cast as it casts a conv
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    if not x.dtype == weight.dtype == (weight.dtype if bias is None else bias.dtype):
+        return fallback(x, weight, bias)
+    return torch.ops.aten.thnn_conv2d(x, weight, layer.kernel_size, bias, layer.stride, padding)
+
+
+def _cpu_autocast_dtype() -> torch.dtype | None:
+    """The dtype CPU autocast computes a conv in, None when it is off."""
+    try:
+        on = torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch before 2.4 (Forge pins one): no device argument
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+    return torch.get_autocast_dtype("cpu") if on else None
 
 
 def _out_pixels(x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], padding: tuple[int, ...]) -> int:

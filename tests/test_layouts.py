@@ -210,3 +210,17 @@ def test_the_limits_counter_counts_the_im2col_kernel_as_the_convolution():
     with native_small_convs([conv]), GemmCounter() as im2col:
         conv(x).sum().backward()
     assert im2col.counts == usual.counts and im2col.flops > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_under_autocast_the_small_conv_computes_in_autocasts_dtype_as_a_conv_does(dtype):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1).requires_grad_(False)
+    x = torch.randn(1, 16, 4, 4).to(dtype).requires_grad_(True)  # an activation autocast made; float32 weights
+    with torch.autocast("cpu", dtype=dtype):
+        reference = conv(x)
+        with native_small_convs([conv]):
+            out = conv(x)
+            assert _kernels(conv, x) == {"aten::_slow_conv2d_forward", "aten::_slow_conv2d_backward"}
+    assert out.dtype == reference.dtype == dtype
+    torch.testing.assert_close(out, reference)
