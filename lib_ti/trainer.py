@@ -130,7 +130,9 @@ def conv_layout(engine: Engine, precision: torch.dtype) -> Iterator[None]:
 def compute_notes(engine: Engine, held: int) -> list[str]:
     """What the run computes with, for the run panel: the CPU threads (the speed depends on them), the weights
     a bf16 run converted."""
-    notes = [f"computing on the CPU with {torch.get_num_threads()} threads"] if engine.device.type == "cpu" else []
+    threads = torch.get_num_threads()
+    notes = ([f"computing on the CPU with {threads} thread{'s' if threads != 1 else ''}"]
+             if engine.device.type == "cpu" else [])
     if held:
         notes.append(f"precision bf16: {held} weight tensors held in bfloat16 for the run (restored bit for bit "
                      "after)")
